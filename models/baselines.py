@@ -1,0 +1,160 @@
+"""Baseline RoPE rescalings as pure functions of the model's RoPE geometry.
+
+Each function turns ``(geometry, target_length, ...)`` into a :class:`RopeFactors`,
+the way transformers' ``modeling_rope_utils`` turns a config into
+``(inv_freq, attention_factor)``. No model is needed, so each is testable alone
+and usable as a seed for the search.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from models.rope import RopeFactors, RopeGeometry
+
+
+def length_scale(geometry: RopeGeometry, target_length: int) -> float:
+    """``s = target / original``, never below 1: shorter inputs need no rescaling."""
+    return max(1.0, target_length / geometry.original_length)
+
+
+def longrope_attention_scaling(scale: float, original_length: int) -> float:
+    """LongRoPE's default cos/sin multiplier ``sqrt(1 + ln s / ln L0)``."""
+    return 1.0 if scale <= 1.0 else math.sqrt(1.0 + math.log(scale) / math.log(original_length))
+
+
+def yarn_attention_scaling(scale: float) -> float:
+    """YaRN's cos/sin multiplier ``0.1 ln s + 1``."""
+    return 1.0 if scale <= 1.0 else 0.1 * math.log(scale) + 1.0
+
+
+def no_scaling(geometry: RopeGeometry, target_length: int) -> RopeFactors:
+    """The model as trained: every factor 1."""
+    return RopeFactors(
+        rescale_factors=(1.0,) * geometry.num_factors,
+        original_length=geometry.original_length,
+        target_length=target_length,
+        method="none",
+    )
+
+
+def linear_interpolation(geometry: RopeGeometry, target_length: int, attention_scaling: float = 1.0) -> RopeFactors:
+    """Position interpolation (PI): every factor ``s``."""
+    scale = length_scale(geometry, target_length)
+    return RopeFactors(
+        rescale_factors=(scale,) * geometry.num_factors,
+        original_length=geometry.original_length,
+        target_length=target_length,
+        attention_scaling=attention_scaling,
+        method="pi",
+    )
+
+
+def ntk_aware(geometry: RopeGeometry, target_length: int, attention_scaling: float = 1.0) -> RopeFactors:
+    """NTK-aware scaling: ``base' = base * s^(d/(d-2))``, i.e. ``lambda_i = s^(d/(d-2) * 2i/d)``."""
+    scale = length_scale(geometry, target_length)
+    d = geometry.rotary_dim
+    base_ratio = scale ** (d / (d - 2))
+    return RopeFactors(
+        rescale_factors=tuple(base_ratio ** (2 * i / d) for i in range(geometry.num_factors)),
+        original_length=geometry.original_length,
+        target_length=target_length,
+        attention_scaling=attention_scaling,
+        method="ntk",
+    )
+
+
+def yarn_correction_dim(geometry: RopeGeometry, rotations: float) -> float:
+    """The (fractional) pair index whose wavelength fits ``rotations`` times into the original window."""
+    d = geometry.rotary_dim
+    return d * math.log(geometry.original_length / (2 * math.pi * rotations)) / (2 * math.log(geometry.base))
+
+
+def yarn(
+    geometry: RopeGeometry,
+    target_length: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    attention_scaling: float | None = None,
+) -> RopeFactors:
+    """YaRN: extrapolate fast dims (factor 1), interpolate slow dims (factor s), linear ramp between.
+
+    The ramp bounds are the correction dims for ``beta_fast`` and ``beta_slow``
+    rotations, floored/ceiled as transformers' ``yarn`` does, so the two agree.
+    """
+    scale = length_scale(geometry, target_length)
+    low = max(math.floor(yarn_correction_dim(geometry, beta_fast)), 0)
+    high = min(math.ceil(yarn_correction_dim(geometry, beta_slow)), geometry.rotary_dim - 1)
+    if low == high:
+        high += 0.001  # one-dim ramp: avoid dividing by zero, as transformers does
+    factors = []
+    for i in range(geometry.num_factors):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0 = extrapolate, 1 = interpolate
+        # transformers blends inverse frequencies, not factors: 1/lambda = (1-r)/1 + r/s
+        factors.append(1.0 / ((1.0 - ramp) + ramp / scale))
+    return RopeFactors(
+        rescale_factors=tuple(factors),
+        original_length=geometry.original_length,
+        target_length=target_length,
+        attention_scaling=yarn_attention_scaling(scale) if attention_scaling is None else attention_scaling,
+        method="yarn",
+        metadata={"beta_fast": beta_fast, "beta_slow": beta_slow},
+    )
+
+
+def critical_dimension(geometry: RopeGeometry) -> int:
+    """LongRoPE2's critical dim ``d_c = ceil(d/2 * log_base(L0 / 2pi)) - 1``.
+
+    Pairs at and above ``d_c`` never complete a full rotation inside the original
+    window, so they were under-trained and need more than NTK's interpolation.
+    """
+    exponent = math.log(geometry.original_length / (2 * math.pi)) / math.log(geometry.base)
+    return min(max(math.ceil(geometry.num_factors * exponent) - 1, 1), geometry.num_factors - 1)
+
+
+def longrope2_initial(
+    geometry: RopeGeometry,
+    target_length: int,
+    critical_dim: int | None = None,
+    critical_factor: float | None = None,
+) -> RopeFactors:
+    """LongRoPE2's NTK-shaped start: ``lambda_i = lambda_dc^(i/d_c)`` below the critical dim.
+
+    At and above ``d_c`` the factor is ``max(lambda_dc, NTK's factor)``, so the
+    vector is monotone and those dims are at least fully interpolated.
+    ``critical_factor`` (``lambda_dc``) defaults to ``s``.
+    """
+    scale = length_scale(geometry, target_length)
+    d_c = critical_dimension(geometry) if critical_dim is None else critical_dim
+    if not 0 < d_c < geometry.num_factors:
+        raise ValueError(f"critical_dim must be in 1..{geometry.num_factors - 1}, got {d_c}")
+    lambda_c = scale if critical_factor is None else critical_factor
+    ntk = ntk_aware(geometry, target_length).rescale_factors
+    factors = [lambda_c ** (i / d_c) if i < d_c else max(lambda_c, ntk[i]) for i in range(geometry.num_factors)]
+    return RopeFactors(
+        rescale_factors=tuple(factors),
+        original_length=geometry.original_length,
+        target_length=target_length,
+        attention_scaling=longrope_attention_scaling(scale, geometry.original_length),
+        method="longrope2-init",
+        metadata={"critical_dim": d_c},
+    )
+
+
+BASELINES: dict[str, Callable[[RopeGeometry, int], RopeFactors]] = {
+    "none": no_scaling,
+    "pi": linear_interpolation,
+    "ntk": ntk_aware,
+    "yarn": yarn,
+    "longrope2-init": longrope2_initial,
+}
+
+
+def baseline(name: str, geometry: RopeGeometry, target_length: int) -> RopeFactors:
+    """The named baseline with its default options."""
+    try:
+        make = BASELINES[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(BASELINES)}") from None
+    return make(geometry, target_length)

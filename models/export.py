@@ -1,0 +1,91 @@
+"""Export factors as a Hugging Face ``rope_parameters`` block that stock transformers loads.
+
+Stock transformers' ``longrope`` uses ``short_factor`` while the input is at most
+``original_max_position_embeddings`` tokens and ``long_factor`` beyond, with one
+``attention_factor`` for both. It has no notion of start tokens (n_hat): an
+exported model with ``start_tokens > 0`` behaves as if n_hat were 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from models.patch import restore_original
+from models.rope import RopeFactors, RopeGeometry
+
+logger = logging.getLogger(__name__)
+
+START_TOKENS_WARNING = (
+    "start_tokens (n_hat) = {n} is not representable in a Hugging Face config: stock transformers "
+    "and other runtimes ignore it, so the exported model rotates every position with the rescaled "
+    "frequencies. Use models.patch.apply_factors to keep n_hat, or search with start_tokens = 0."
+)
+
+
+def rope_parameters(
+    long_factors: RopeFactors, geometry: RopeGeometry, short_factors: RopeFactors | None = None
+) -> dict[str, Any]:
+    """The ``rope_parameters`` dict (rope_type ``longrope``) for ``long_factors``.
+
+    ``short_factors`` defaults to the original RoPE (all 1) for inputs within the
+    original window.
+    """
+    long_factors.validate(geometry)
+    short = (1.0,) * geometry.num_factors if short_factors is None else short_factors.rescale_factors
+    if short_factors is not None:
+        short_factors.validate(geometry)
+    for factors in (long_factors, short_factors):
+        if factors is not None and factors.start_tokens > 0:
+            logger.warning(START_TOKENS_WARNING.format(n=factors.start_tokens))
+    return {
+        "rope_type": "longrope",
+        "rope_theta": geometry.base,
+        "long_factor": list(long_factors.rescale_factors),
+        "short_factor": list(short),
+        "factor": long_factors.scale,
+        "attention_factor": long_factors.attention_scaling,
+        "original_max_position_embeddings": geometry.original_length,
+    }
+
+
+def extended_config(config: Any, long_factors: RopeFactors, short_factors: RopeFactors | None = None) -> Any:
+    """A copy of a transformers config whose RoPE is ``long_factors`` up to their target length."""
+    geometry = RopeGeometry.from_config(config)
+    extended = copy.deepcopy(config)
+    extended.rope_parameters = rope_parameters(long_factors, geometry, short_factors)
+    extended.max_position_embeddings = max(long_factors.target_length, geometry.original_length)
+    return extended
+
+
+def write_rope_parameters(path: str | Path, long_factors: RopeFactors, geometry: RopeGeometry,
+                          short_factors: RopeFactors | None = None) -> Path:
+    """Write the block (plus ``max_position_embeddings``) as JSON, ready to paste into config.json."""
+    block = {
+        "rope_parameters": rope_parameters(long_factors, geometry, short_factors),
+        "max_position_embeddings": max(long_factors.target_length, geometry.original_length),
+    }
+    if long_factors.start_tokens > 0:
+        block["_note"] = START_TOKENS_WARNING.format(n=long_factors.start_tokens)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(block, indent=2) + "\n")
+    return path
+
+
+def save_extended_model(model: Any, tokenizer: Any, out_dir: str | Path, long_factors: RopeFactors,
+                        short_factors: RopeFactors | None = None) -> Path:
+    """Save weights, tokenizer and an extended config to ``out_dir`` for ``from_pretrained``."""
+    out_dir = Path(out_dir)
+    restore_original(model)  # save the stock module state; the config carries the factors
+    original_config = model.config
+    model.config = extended_config(original_config, long_factors, short_factors)
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        model.config = original_config
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

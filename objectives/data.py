@@ -1,0 +1,188 @@
+"""Long-text corpora and the token windows that perplexity is measured on.
+
+A corpus is named by a source string:
+
+- ``essays``: the embedded Paul Graham essays (about 154k SmolLM2 tokens);
+- a local ``.txt`` file, a directory of ``.txt`` files, a ``.jsonl`` file (one
+  ``{"text": ...}`` per line) or a ``.parquet`` file (a ``text`` column);
+- ``pg19``, ``proof-pile`` or ``hf:NAME[:SPLIT]``: a Hugging Face dataset through
+  the optional ``datasets`` package (it must be installed and reachable or cached).
+
+Windows are cut in one of two modes. ``documents`` (the papers' setting) takes
+the first ``length`` tokens of each document long enough, optionally starting
+with BOS. ``stream`` joins all documents and cuts consecutive windows, which
+suits a corpus of many short texts such as the essays. Asking for more than the
+corpus holds is an error, never a silently shorter window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from models import assets
+
+EMBEDDED_CORPUS = "essays"
+HF_DATASETS = {"pg19": ("emozilla/pg19", "validation"), "proof-pile": ("hoskinson-center/proof-pile", "validation")}
+WINDOW_MODES = ("documents", "stream")
+
+
+class DataError(ValueError):
+    """A corpus that cannot be read, or that is too short for what was asked."""
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number} is not JSON: {error}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number} has no string field 'text'")
+        texts.append(record["text"])
+    return texts
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    if "text" not in frame.columns:
+        raise DataError(f"{path} has no 'text' column (columns: {', '.join(frame.columns)})")
+    return [str(text) for text in frame["text"]]
+
+
+def _read_hf_dataset(name: str, split: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {name!r} needs the datasets package: pip install 'longrope-hpo[datasets]'") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as error:  # network, auth and format errors all surface differently
+        raise DataError(f"could not load dataset {name!r} split {split!r} (offline?): {error}. "
+                        "Pass a local .txt/.jsonl/.parquet file instead.") from None
+    return [str(text) for text in dataset["text"]]
+
+
+def load_documents(source: str) -> list[str]:
+    """The documents of ``source`` (see the module docstring), in a stable order."""
+    if source == EMBEDDED_CORPUS:
+        return [path.read_text() for path in sorted(assets.essays_dir().glob("*.txt"))]
+    if source in HF_DATASETS:
+        return _read_hf_dataset(*HF_DATASETS[source])
+    if source.startswith("hf:"):
+        name, _, split = source[3:].partition(":")
+        return _read_hf_dataset(name, split or "validation")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise DataError(f"directory {path} holds no .txt files")
+        return [file.read_text() for file in files]
+    if not path.is_file():
+        raise DataError(f"unknown corpus {source!r}: not '{EMBEDDED_CORPUS}', a dataset name, or an existing path")
+    readers = {".txt": lambda p: [p.read_text()], ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    if path.suffix not in readers:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
+    return readers[path.suffix](path)
+
+
+def default_window_mode(source: str) -> str:
+    """The embedded essays are short texts and read as one stream; real corpora by document."""
+    return "stream" if source == EMBEDDED_CORPUS else "documents"
+
+
+def _tokenizer_key(tokenizer) -> str:
+    probe = tokenizer("The quick brown fox, 0123456789!", add_special_tokens=False)["input_ids"]
+    return f"{type(tokenizer).__name__}:{len(tokenizer)}:{probe}"
+
+
+def tokenize_documents(documents: Sequence[str], tokenizer, mode: str) -> list[torch.Tensor]:
+    """Token ids per document (or one stream), cached on disk by content and tokenizer."""
+    if mode not in WINDOW_MODES:
+        raise DataError(f"unknown window mode {mode!r}; choose from {', '.join(WINDOW_MODES)}")
+    texts = ["".join(documents)] if mode == "stream" else list(documents)
+    digest = hashlib.sha256(_tokenizer_key(tokenizer).encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    cache_file = assets.cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.pt"
+    if cache_file.is_file():
+        return torch.load(cache_file)
+    streams = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+               for text in texts]
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    scratch = cache_file.with_suffix(".partial")
+    torch.save(streams, scratch)
+    scratch.replace(cache_file)
+    return streams
+
+
+def token_windows(
+    streams: Sequence[torch.Tensor],
+    length: int,
+    samples: int,
+    *,
+    first_window: int = 0,
+    bos_token_id: int | None = None,
+    mode: str = "documents",
+) -> list[torch.Tensor]:
+    """``samples`` windows of exactly ``length`` tokens, skipping the first ``first_window``.
+
+    ``documents`` mode takes one window per stream long enough; ``stream`` mode
+    cuts consecutive windows from the single joined stream. With
+    ``bos_token_id``, each window is BOS followed by ``length - 1`` tokens.
+    """
+    if length < 2 or samples < 1:
+        raise DataError(f"need length >= 2 and samples >= 1, got length={length}, samples={samples}")
+    body = length - (bos_token_id is not None)
+    if mode == "stream":
+        stream = torch.cat(list(streams))
+        available = stream.numel() // body
+        bodies = [stream[i * body:(i + 1) * body] for i in range(available)]
+        what = f"the corpus holds {stream.numel():,} tokens, {available} windows of {length:,}"
+    elif mode == "documents":
+        bodies = [s[:body] for s in streams if s.numel() >= body]
+        what = f"{len(bodies)} of its {len(streams)} documents have at least {body:,} tokens"
+    else:
+        raise DataError(f"unknown window mode {mode!r}; choose from {', '.join(WINDOW_MODES)}")
+    needed = first_window + samples
+    if len(bodies) < needed:
+        raise DataError(f"text too short: {needed} windows of {length:,} tokens asked "
+                        f"(skipping {first_window}), but {what}")
+    chosen = bodies[first_window:needed]
+    if bos_token_id is None:
+        return chosen
+    return [torch.cat([torch.tensor([bos_token_id]), b]) for b in chosen]
+
+
+def load_windows(
+    source: str,
+    tokenizer,
+    length: int,
+    samples: int,
+    *,
+    first_window: int = 0,
+    mode: str | None = None,
+    add_bos: bool | None = None,
+) -> list[torch.Tensor]:
+    """Read ``source``, tokenize it and cut ``samples`` windows of ``length`` tokens.
+
+    ``mode`` defaults to :func:`default_window_mode`; ``add_bos`` defaults to True
+    in ``documents`` mode (the papers' BOS + L-1 tokens) and False in ``stream`` mode.
+    """
+    mode = mode or default_window_mode(source)
+    add_bos = (mode == "documents") if add_bos is None else add_bos
+    streams = tokenize_documents(load_documents(source), tokenizer, mode)
+    bos = tokenizer.bos_token_id if add_bos else None
+    try:
+        return token_windows(streams, length, samples, first_window=first_window, bos_token_id=bos, mode=mode)
+    except DataError as error:
+        raise DataError(f"{source}: {error}") from None

@@ -1,0 +1,122 @@
+"""Long-context perplexity without materialising the full logits tensor.
+
+A 32k-token window of a 49k-vocabulary model would need 6 GB of fp32 logits.
+We run the decoder once, then apply the LM head to ``chunk_tokens`` hidden
+states at a time and accumulate the summed negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+@dataclass
+class PerplexityResult:
+    """Token-weighted perplexity over windows, and each window's own."""
+
+    nll_sum: float
+    tokens: int
+    seconds: float
+    window_perplexities: list[float] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.tokens)
+
+
+@contextmanager
+def layer_progress(model: nn.Module, desc: str, enabled: bool = True) -> Iterator[None]:
+    """A progress bar that advances once per decoder layer during the forwards inside the block."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not enabled or layers is None:
+        yield
+        return
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
+    handles = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[float, int]:
+    """Summed NLL of tokens ``score_from..T-1`` of one window, and how many were scored.
+
+    Token ``t`` is predicted from positions ``< t``, so ``score_from >= 1``.
+    """
+    ids = input_ids.reshape(1, -1).to(model.device)
+    total_len = ids.shape[1]
+    score_from = max(score_from, 1)
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    nll = 0.0
+    for start in range(score_from - 1, total_len - 1, chunk_tokens):
+        stop = min(start + chunk_tokens, total_len - 1)
+        logits = head(hidden[start:stop]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        nll += F.cross_entropy(logits, ids[0, start + 1:stop + 1], reduction="sum").item()
+    return nll, total_len - score_from
+
+
+def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], *, progress: bool = True,
+               desc: str = "perplexity", chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PerplexityResult:
+    """Perplexity of ``model`` over whole windows (every token after the first scored)."""
+    started = time.perf_counter()
+    result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0)
+    for index, window in enumerate(windows):
+        with layer_progress(model, f"{desc} [{index + 1}/{len(windows)}, {window.numel():,} tok]", progress):
+            nll, count = window_nll(model, window, chunk_tokens=chunk_tokens)
+        result.nll_sum += nll
+        result.tokens += count
+        result.window_perplexities.append(math.exp(nll / count))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def sliding_window_perplexity(model: nn.Module, stream: torch.Tensor, window: int, stride: int, *,
+                              max_tokens: int | None = None, progress: bool = True,
+                              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PerplexityResult:
+    """Perplexity of a long stream read in windows of ``window`` tokens moved by ``stride``.
+
+    Each token is scored once, with up to ``window - stride`` tokens of context
+    carried over from the previous window. ``max_tokens`` caps how much of the
+    stream is read.
+    """
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    stream = stream.reshape(-1)
+    end_of_stream = stream.numel() if max_tokens is None else min(stream.numel(), max_tokens)
+    if end_of_stream < window:
+        raise ValueError(f"text too short: {end_of_stream:,} tokens for a window of {window:,}")
+    started = time.perf_counter()
+    result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0)
+    scored_until = 0
+    starts = list(range(0, end_of_stream - window + 1, stride))
+    for step, begin in enumerate(starts):
+        chunk = stream[begin:begin + window]
+        score_from = scored_until - begin  # tokens before this were scored by an earlier window
+        with layer_progress(model, f"sliding window [{step + 1}/{len(starts)}]", progress):
+            nll, count = window_nll(model, chunk, score_from=score_from, chunk_tokens=chunk_tokens)
+        result.nll_sum += nll
+        result.tokens += count
+        result.window_perplexities.append(math.exp(nll / count))
+        scored_until = begin + window
+    result.seconds = time.perf_counter() - started
+    return result
