@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -104,6 +106,45 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str) -> tuple[PreTrainedMod
     return model, tokenizer
 
 
+def _load_pretrained(source: str, dtype: torch.dtype, attn: str, **hub_options: bool):
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_options)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn, **hub_options)
+    return model, tokenizer
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine fails in seconds rather than after minutes of retries."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_from_hub(hub_id: str, dtype: torch.dtype, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """From the local hub cache if it is there, else from the hub if it can be reached."""
+    try:
+        return _load_pretrained(hub_id, dtype, attn, local_files_only=True)
+    except OSError as cache_error:
+        cause = cache_error
+    if _hub_reachable():
+        try:
+            return _load_pretrained(hub_id, dtype, attn)
+        except OSError as hub_error:
+            cause = hub_error
+    else:
+        cause = OSError("the Hugging Face hub cannot be reached from this machine (offline?)")
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    raise ModelLoadError(
+        f"could not load {hub_id!r}: it is not a local path, not in the local hub cache, and the Hugging Face "
+        f"hub could not provide it. Download it once where the hub is reachable "
+        f"(`hf download {hub_id} --local-dir DIR`) and pass --model DIR, or pass a .gguf file, "
+        f"or use the embedded default '{DEFAULT_MODEL}'.\nCause: {first_line}"
+    )
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -126,21 +167,15 @@ def load_model(
         if not local.is_file():
             raise ModelLoadError(f"GGUF file {local} does not exist")
         model, tokenizer = _load_gguf(local, torch_dtype, attn)
-    else:
-        source = str(local) if local.is_dir() else name_or_path
+    elif local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{local} is not a loadable transformers model directory: it has no config.json")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn)
-        except OSError as error:
-            if local.is_dir():
-                raise ModelLoadError(f"{local} is not a loadable transformers model directory: {error}") from None
-            raise ModelLoadError(
-                f"could not load {name_or_path!r}: it is not a local path, and the Hugging Face hub "
-                f"could not provide it (offline, or no such repo). Download it once where the hub is "
-                f"reachable (`hf download {name_or_path} --local-dir DIR`) and pass --model DIR, "
-                f"or pass a .gguf file, or use the embedded default '{DEFAULT_MODEL}'.\n"
-                f"Cause: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
-            ) from None
+            model, tokenizer = _load_pretrained(str(local), torch_dtype, attn)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"{local} is not a loadable transformers model directory: {error}") from None
+    else:
+        model, tokenizer = _load_from_hub(name_or_path, torch_dtype, attn)
     model.to(target_device)
     model.eval()
     logger.info("loaded %s: %s, %s, attention %s", name_or_path, target_device, torch_dtype, attn)

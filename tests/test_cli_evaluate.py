@@ -1,0 +1,59 @@
+"""`python -m objectives.evaluate` as a user runs it, on the embedded model at short lengths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from models.baselines import yarn
+from models.rope import RopeGeometry
+
+pytestmark = pytest.mark.real_model
+
+# A pretend 128-token window makes 256 tokens a 2x extension while keeping the forwards short.
+SHORT = ["--lengths", "256", "--samples", "2", "--original-length", "128", "--no-progress"]
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "objectives.evaluate", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_table_and_json_with_a_factor_file(tmp_path):
+    factor_file = yarn(RopeGeometry(64, 100000.0, 128), 256).save(tmp_path / "yarn_copy.json")
+    out = tmp_path / "results.json"
+    result = evaluate(*SHORT, "--methods", "none,pi,yarn", "--factors", str(factor_file), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    for method in ("none", "pi", "yarn", "yarn_copy"):
+        assert method in result.stdout
+    rows = {row["method"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"none", "pi", "yarn", "yarn_copy"}
+    assert all(row["length"] == 256 and row["windows"] == 2 and row["tokens"] == 2 * 255 for row in rows.values())
+    assert rows["yarn_copy"]["perplexity"] == pytest.approx(rows["yarn"]["perplexity"], rel=1e-6)
+    assert rows["pi"]["perplexity"] != pytest.approx(rows["none"]["perplexity"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "none,rope"], "unknown method(s) rope"),
+        (["--factors", "missing.json"], "does not exist"),
+        (["--lengths", "400000"], "text too short"),
+        (["--data", "no/such/corpus.txt"], "unknown corpus"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message):
+    result = evaluate(*SHORT[:-1], "--no-progress", *args) if "--lengths" not in args else evaluate(
+        "--samples", "1", "--no-progress", "--methods", "none", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_wrong_length_factor_file(tmp_path):
+    factor_file = yarn(RopeGeometry(48, 100000.0, 128), 256).save(tmp_path / "short.json")
+    result = evaluate(*SHORT, "--methods", "", "--factors", str(factor_file))
+    assert result.returncode == 2
+    assert "24 rescale factors given" in result.stderr and "needs 32" in result.stderr
