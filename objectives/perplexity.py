@@ -54,35 +54,43 @@ def layer_progress(model: nn.Module, desc: str, enabled: bool = True) -> Iterato
 
 @torch.no_grad()
 def window_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
-               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[float, int]:
-    """Summed NLL of tokens ``score_from..T-1`` of one window, and how many were scored.
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score_mask: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed NLL of the scored tokens of one window, and how many were scored.
 
-    Token ``t`` is predicted from positions ``< t``, so ``score_from >= 1``.
+    Tokens ``score_from..T-1`` are scored (token ``t`` is predicted from positions
+    ``< t``, so ``score_from >= 1``); ``score_mask`` (bool, one per token) narrows
+    that further, e.g. to the answer tokens of needles.
     """
     ids = input_ids.reshape(1, -1).to(model.device)
     total_len = ids.shape[1]
-    score_from = max(score_from, 1)
+    scored = torch.zeros(total_len, dtype=torch.bool)
+    scored[max(score_from, 1):] = True
+    if score_mask is not None:
+        scored &= score_mask.reshape(-1).cpu()
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     nll = 0.0
-    for start in range(score_from - 1, total_len - 1, chunk_tokens):
-        stop = min(start + chunk_tokens, total_len - 1)
-        logits = head(hidden[start:stop]).float()
+    positions = torch.nonzero(scored).flatten() - 1  # hidden state t-1 predicts token t
+    for start in range(0, positions.numel(), chunk_tokens):
+        rows = positions[start:start + chunk_tokens].to(hidden.device)
+        logits = head(hidden[rows]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        nll += F.cross_entropy(logits, ids[0, start + 1:stop + 1], reduction="sum").item()
-    return nll, total_len - score_from
+        nll += F.cross_entropy(logits, ids[0, rows + 1], reduction="sum").item()
+    return nll, positions.numel()
 
 
 def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], *, progress: bool = True,
-               desc: str = "perplexity", chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PerplexityResult:
-    """Perplexity of ``model`` over whole windows (every token after the first scored)."""
+               desc: str = "perplexity", chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+               score_masks: Sequence[torch.Tensor] | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` over windows: every token after the first, or those in ``score_masks``."""
     started = time.perf_counter()
     result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0)
     for index, window in enumerate(windows):
+        mask = None if score_masks is None else score_masks[index]
         with layer_progress(model, f"{desc} [{index + 1}/{len(windows)}, {window.numel():,} tok]", progress):
-            nll, count = window_nll(model, window, chunk_tokens=chunk_tokens)
+            nll, count = window_nll(model, window, chunk_tokens=chunk_tokens, score_mask=mask)
         result.nll_sum += nll
         result.tokens += count
         result.window_perplexities.append(math.exp(nll / count))

@@ -1,0 +1,176 @@
+"""Study presets: one readable TOML file per study in this folder.
+
+A preset says which model to extend, from which window to which length, on
+which text, with which fitness and search budget. ``load_preset("smollm2_16k")``
+reads ``studies/smollm2_16k.toml``; a path to any ``.toml`` file works too.
+Every key is checked: a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent
+FITNESS_KINDS = ("perplexity", "needle-perplexity")
+
+
+class PresetError(ValueError):
+    """A study name that does not exist, or a preset file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = "auto"
+    attn: str = "auto"
+    original_length: int | None = None  # default: the model config's window
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "essays"
+    samples: int = 1
+    first_window: int = 0
+    window_mode: str | None = None  # default: stream for the essays, documents otherwise
+    heldout_samples: int = 1
+    heldout_first_window: int | None = None  # default: right after the searched windows
+
+    @property
+    def heldout_start(self) -> int:
+        return self.first_window + self.samples if self.heldout_first_window is None else self.heldout_first_window
+
+
+@dataclass(frozen=True)
+class FitnessSpec:
+    kind: str = "perplexity"
+    needles: int = 4  # needle-perplexity: needles per window, at evenly spread depths
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    n_trials: int = 64
+    population: int = 64
+    parents: int = 32
+    mutants: int = 16
+    crossovers: int = 16
+    mutation_prob: float = 0.3
+    crossover_prob: float = 0.3
+    start_tokens: tuple[int, ...] = (0,)
+    attention_scaling: tuple[float, float] | None = None  # searched range; None = LongRoPE's default
+    max_factor: float | None = None  # default: scale + 1
+    critical_dim: int | str = 0  # LongRoPE2: "auto" or a dim index; 0 searches every dim
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    name: str
+    target_length: int
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    fitness: FitnessSpec = field(default_factory=FitnessSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    storage: str | None = None  # default: sqlite file in the output directory
+
+    def replace(self, **changes: Any) -> StudyPreset:
+        """A copy with top-level fields or ``section__field`` keys changed (CLI overrides)."""
+        sections: dict[str, dict[str, Any]] = {}
+        top = {}
+        for key, value in changes.items():
+            if value is None:
+                continue
+            section, _, name = key.partition("__")
+            if name:
+                sections.setdefault(section, {})[name] = value
+            else:
+                top[key] = value
+        for section, values in sections.items():
+            top[section] = dataclasses.replace(getattr(self, section), **values)
+        return _checked(dataclasses.replace(self, **top))
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise PresetError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    values = {}
+    for key, value in table.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise PresetError(f"{where}: {error}") from None
+
+
+def _checked(preset: StudyPreset) -> StudyPreset:
+    """Reject settings that would fail later, with the preset's name in the message."""
+    problems = []
+    if not isinstance(preset.target_length, int) or preset.target_length <= 0:
+        problems.append(f"target_length must be a positive integer, got {preset.target_length!r}")
+    original = preset.model.original_length
+    if original is not None and isinstance(preset.target_length, int) and preset.target_length <= original:
+        problems.append(f"target_length {preset.target_length} must be longer than original_length {original}")
+    if preset.fitness.kind not in FITNESS_KINDS:
+        problems.append(f"fitness.kind must be one of {', '.join(FITNESS_KINDS)}, got {preset.fitness.kind!r}")
+    search = preset.search
+    for name in ("n_trials", "population", "parents", "mutants", "crossovers"):
+        value = getattr(search, name)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"search.{name} must be a positive integer, got {value!r}")
+    if isinstance(search.parents, int) and isinstance(search.population, int) and search.parents > search.population:
+        problems.append("search.parents cannot exceed search.population")
+    if not search.start_tokens or any(not isinstance(n, int) or n < 0 for n in search.start_tokens):
+        problems.append(f"search.start_tokens must be a list of integers >= 0, got {search.start_tokens!r}")
+    if search.attention_scaling is not None and (
+        len(search.attention_scaling) != 2 or not 0 < search.attention_scaling[0] <= search.attention_scaling[1]
+    ):
+        problems.append(f"search.attention_scaling must be [low, high] with 0 < low <= high, "
+                        f"got {search.attention_scaling!r}")
+    if not (search.critical_dim == "auto" or (isinstance(search.critical_dim, int) and search.critical_dim >= 0)):
+        problems.append(f"search.critical_dim must be 'auto' or an integer >= 0, got {search.critical_dim!r}")
+    for name in ("samples", "heldout_samples"):
+        value = getattr(preset.data, name)
+        if not isinstance(value, int) or value < 0 or (name == "samples" and value == 0):
+            problems.append(f"data.{name} must be a positive integer, got {value!r}")
+    if problems:
+        raise PresetError(f"study {preset.name!r}: " + "; ".join(problems))
+    return preset
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in this folder."""
+    return sorted(path.stem for path in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> StudyPreset:
+    """Read a shipped preset by name, or any preset file by path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise PresetError(f"unknown study {name_or_path!r}; presets: {', '.join(list_presets())} "
+                          f"(or pass a path to a .toml file)")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise PresetError(f"{path}: not valid TOML: {error}") from None
+    sections = {"model": ModelSpec, "data": DataSpec, "fitness": FitnessSpec, "search": SearchSpec}
+    values: dict[str, Any] = {"name": table.pop("name", path.stem)}
+    for section, cls in sections.items():
+        sub = table.pop(section, {})
+        if not isinstance(sub, dict):
+            raise PresetError(f"{path}: [{section}] must be a table")
+        values[section] = _build(cls, sub, f"{path} [{section}]")
+    if "target_length" not in table:
+        raise PresetError(f"{path}: target_length is missing")
+    preset = _build(StudyPreset, {**table, **values}, str(path))
+    return _checked(preset)

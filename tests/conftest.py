@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,3 +49,45 @@ def real_model():
     from models.loading import load_model
 
     return load_model("smollm2-135m", dtype="float32")
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql: `make test` installs "
+                           "Debian's postgresql package; install it by hand with apt-get install postgresql")
+    return found[-1].parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server on loopback, run as the `postgres` user when we are root."""
+    binaries = _postgres_bin()
+    # not under pytest's tmp dir: that is private to root, and the server user must reach its files
+    data_dir = Path(tempfile.mkdtemp(prefix="longrope-hpo-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(data_dir, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+
+    def run(*args) -> None:
+        done = subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(str(args[0])).name} failed: {done.stderr or done.stdout}")
+
+    run(binaries / "initdb", "-D", data_dir / "db", "-U", "longrope", "--auth=trust")
+    run(binaries / "pg_ctl", "-D", data_dir / "db", "-l", data_dir / "log", "-w", "start",
+        "-o", f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1")
+    try:
+        run(binaries / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "longrope", "studies")
+        yield f"postgresql+psycopg://longrope@127.0.0.1:{port}/studies"
+    finally:
+        run(binaries / "pg_ctl", "-D", data_dir / "db", "-m", "immediate", "stop")
+        shutil.rmtree(data_dir, ignore_errors=True)

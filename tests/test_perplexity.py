@@ -49,3 +49,15 @@ def test_sliding_window_rejects_short_text_and_bad_stride(model, input_ids):
         sliding_window_perplexity(model, input_ids[0, :10], window=64, stride=32, progress=False)
     with pytest.raises(ValueError, match="stride"):
         sliding_window_perplexity(model, input_ids[0], window=64, stride=65, progress=False)
+
+
+def test_score_mask_scores_only_the_masked_tokens(model, input_ids):
+    ids = input_ids[0, :40]
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[[5, 6, 30]] = True
+    nll, count = window_nll(model, ids, score_mask=mask)
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[[4, 5, 29]], ids[[5, 6, 30]], reduction="sum").item()
+    assert count == 3
+    assert nll == pytest.approx(expected, rel=1e-5)

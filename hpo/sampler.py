@@ -1,0 +1,421 @@
+"""LongRoPE's evolutionary search as an Optuna sampler.
+
+:class:`LongRoPESampler` proposes whole rescale-factor vectors (plus n_hat and the
+attention scaling when searched) by mutation and crossover of the best trials so
+far, the way the LongRoPE reference search does, with all of its state in the
+study storage. :func:`enqueue_seeds` puts the baselines in front of the search.
+:func:`mutate` and :func:`crossover` are the single-draw operators, kept pure so
+they can be tested alone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseGASampler, RandomSampler
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
+from models.rope import RopeGeometry
+
+# Study and trial system attributes. The generation and parent-cache keys come from
+# BaseGASampler, which derives them from the class name ("LongRoPESampler:...").
+SEEDS_KEY = "LongRoPESampler:seeds"
+PROPOSAL_KEY = "LongRoPESampler:proposal"
+ROLE_KEY = "LongRoPESampler:role"
+PARENTS_KEY = "LongRoPESampler:parents"
+MUTANT = "mutant"
+CROSSOVER = "crossover"
+
+
+def _grid_index(value: float, step: float) -> int:
+    return int(round(value / step))
+
+
+def _grid_value(index: int, step: float) -> float:
+    # round() drops the float noise of the product: 1.03, not 1.0300000000000002
+    return round(index * step, 10)
+
+
+def _grid_points(low: float, high: float, step: float) -> list[float]:
+    """Every multiple of ``step`` in ``[low, high]``, clipped so float noise cannot leave it."""
+    first = math.ceil(low / step - 1e-9)
+    last = math.floor(high / step + 1e-9)
+    return [min(max(_grid_value(k, step), low), high) for k in range(first, last + 1)]
+
+
+def mutate(
+    params: Mapping[str, Any],
+    search_space: LongRoPESearchSpace,
+    rng: np.random.Generator,
+    mutation_prob: float,
+) -> dict[str, Any]:
+    """One mutation draw of ``params`` (a full, monotone parameter set of ``search_space``).
+
+    Each searched factor is, with probability ``mutation_prob``, redrawn uniformly from the
+    ``step`` grid points between its two neighbours in ``params`` (the first between
+    ``min_factor`` and its right neighbour, the last between its left neighbour and
+    ``max_factor``); it stays put when no grid point lies there. ``start_tokens`` moves to another
+    candidate and ``attention_scaling`` takes a Gaussian step (a tenth of its range, snapped to
+    the grid, clipped to the range), each with the same probability.
+
+    Two adjacent factors drawn in the same call may cross, so the result is not always monotone:
+    callers reject and redraw, as the reference search does.
+    """
+    space = search_space
+    names = space.factor_names
+    values = [float(params[name]) for name in names]
+    child = dict(params)
+    for j, name in enumerate(names):
+        if rng.random() >= mutation_prob:
+            continue
+        low = values[j - 1] if j > 0 else space.min_factor
+        high = values[j + 1] if j + 1 < len(values) else space.upper
+        points = _grid_points(low, high, space.step)
+        if points:
+            child[name] = points[int(rng.integers(len(points)))]
+    if space.searches_start_tokens and rng.random() < mutation_prob:
+        others = [c for c in space.start_token_candidates if c != params[START_TOKENS_PARAM]]
+        child[START_TOKENS_PARAM] = others[int(rng.integers(len(others)))]
+    if space.attention_scaling_range is not None and rng.random() < mutation_prob:
+        low, high = space.attention_scaling_range
+        moved = float(params[ATTENTION_SCALING_PARAM]) + rng.normal(0.0, (high - low) / 10)
+        child[ATTENTION_SCALING_PARAM] = min(max(_grid_value(_grid_index(moved, space.step), space.step), low), high)
+    return child
+
+
+def crossover(
+    first: Mapping[str, Any],
+    second: Mapping[str, Any],
+    rng: np.random.Generator,
+    crossover_prob: float,
+) -> dict[str, Any]:
+    """One crossover draw: ``first`` with some genes taken from ``second``.
+
+    Each parameter of ``first`` is visited with probability ``crossover_prob`` and, when
+    visited, takes ``second``'s value with probability 0.5. Every gene of the child is
+    therefore its parents' gene at the same position; the child may not be monotone.
+    """
+    child = dict(first)
+    for name in first:
+        if rng.random() < crossover_prob and rng.random() < 0.5:
+            child[name] = second[name]
+    return child
+
+
+def enqueue_seeds(study: optuna.Study, search_space: LongRoPESearchSpace, geometry: RopeGeometry) -> int:
+    """Enqueue the baselines of ``search_space.seeds(geometry)`` as the first trials, once per study.
+
+    Each seed is projected into the space with :meth:`LongRoPESearchSpace.to_params` and tagged
+    with the user attr ``seed`` (its method name). The projected seeds are recorded in the study
+    system attr :data:`SEEDS_KEY`; a study that has it is left alone, so calling this again on a
+    resumed study enqueues nothing. A seed that projects onto the parameters of an earlier seed, or
+    of a trial already pending (a call that died half-way), is recorded but not enqueued again.
+    Like ``Study.enqueue_trial(skip_if_exists=True)``, two processes calling it at the same
+    instant may both enqueue.
+
+    Returns:
+        How many trials this call enqueued.
+    """
+    storage, study_id = study._storage, study._study_id
+    if SEEDS_KEY in storage.get_study_system_attrs(study_id):
+        return 0
+    pending = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
+    records: list[dict[str, Any]] = []
+    enqueued = 0
+    for seed in search_space.seeds(geometry):
+        params = search_space.to_params(seed)
+        records.append({"method": seed.method, "params": params})
+        # Baselines can project onto the same point (LongRoPE2's start is PI above d_c): run it once.
+        if params not in pending:
+            study.enqueue_trial(params, user_attrs={"seed": seed.method})
+            pending.append(params)
+            enqueued += 1
+    storage.set_study_system_attr(study_id, SEEDS_KEY, records)
+    return enqueued
+
+
+class LongRoPESampler(BaseGASampler):
+    """LongRoPE's evolutionary search over monotone rescale-factor vectors.
+
+    The sampler proposes every parameter of ``search_space`` at once (relative sampling), so
+    objectives should ask for them with :meth:`LongRoPESearchSpace.suggest`. It minimizes the
+    objective (maximizes it for a ``"maximize"`` study); multi-objective studies are refused.
+
+    Generations:
+        Generation 0 holds ``population_size`` complete trials: the seeds of :func:`enqueue_seeds`
+        (if the study has them), then mutants of the YaRN seed, in LongRoPE2 mode too (of the first
+        seed if YaRN is missing; of a linear ramp from ``min_factor`` to ``s`` when there are no
+        seeds). A flat vector such as PI (or LongRoPE2's start, flat above ``d_c``) would be a poor
+        base: mutation keeps each gene between its neighbours, so only its two end genes could move.
+
+        Every later generation holds ``num_mutants + num_crossovers`` complete trials: the first
+        ``num_mutants`` are mutants, the rest crossover children. :meth:`generation_size` gives
+        these sizes; :meth:`get_trial_generation` is BaseGASampler's rule (a trial joins the
+        newest generation until it has that many complete trials) with the size taken per
+        generation, since the base class has one size for all. Pruned and failed trials do not count, so a
+        generation runs until it has its complete trials, and a failed mutant is replaced by a
+        mutant.
+
+    Parents:
+        The parents of generation ``g`` are the best ``num_parents`` complete trials of all
+        generations before ``g`` (ties go to the earlier trial). Trials that are pruned, failed,
+        running, violate a constraint (``trial.set_constraint`` with a value > 0) or lack one of
+        the space's parameters are never parents. Parents are projected with
+        ``to_params(to_factors(...))`` so that trials added by hand are in bounds and monotone.
+
+    Operators:
+        A mutant is :func:`mutate` of a random parent, redrawn until it is monotone and unseen
+        (no trial of the study, of any state, has the same parameters once snapped to the
+        ``step`` grid). After ``max_tries`` draws it takes the first draw that becomes unseen
+        once repaired to a running maximum, and failing that (a nearly exhausted grid) it
+        returns a repeat with a warning rather than stall the study. A crossover child is
+        :func:`crossover` of two distinct random parents, redrawn up to ``max_tries`` times,
+        then replaced by a mutant of the first of the two; with fewer than two parents it is a
+        mutant from the start.
+
+    State and resume:
+        Everything lives in the storage: the generation of each trial (trial system attr
+        ``LongRoPESampler:generation``, set in :meth:`before_trial`), the parents of each
+        generation (study system attr ``LongRoPESampler:parent:<g>``), each trial's proposal,
+        role and parent trial numbers (:data:`PROPOSAL_KEY`, :data:`ROLE_KEY`,
+        :data:`PARENTS_KEY`) and the seeds (:data:`SEEDS_KEY`). The random stream of a trial is
+        derived from ``seed`` and the trial number alone. So a new sampler on a resumed study
+        continues the generation count, and with the same ``seed`` and the same objective values
+        it proposes exactly what an uninterrupted run would have. Proposals are stored when
+        made, so several workers sharing a storage do not repeat each other's pending vectors.
+
+    Enqueued trials keep their fixed parameters; parameters they do not fix, and parameters
+    outside ``search_space``, come from a :class:`~optuna.samplers.RandomSampler`.
+
+    Args:
+        search_space: what is searched.
+        population_size: size of generation 0, seeds included.
+        num_parents: how many of the best trials breed each later generation.
+        num_mutants: mutants per later generation.
+        num_crossovers: crossover children per later generation.
+        mutation_prob: probability that a mutation redraws a given gene.
+        crossover_prob: probability that a crossover visits a given gene.
+        max_tries: draws per operator before its fallback.
+        seed: seed of every random choice; ``None`` draws one at construction.
+    """
+
+    def __init__(
+        self,
+        search_space: LongRoPESearchSpace,
+        *,
+        population_size: int = 64,
+        num_parents: int = 32,
+        num_mutants: int = 16,
+        num_crossovers: int = 16,
+        mutation_prob: float = 0.3,
+        crossover_prob: float = 0.3,
+        max_tries: int = 20,
+        seed: int | None = None,
+    ) -> None:
+        if population_size < 1 or num_parents < 1 or max_tries < 1:
+            raise ValueError("population_size, num_parents and max_tries must be >= 1")
+        if num_mutants < 0 or num_crossovers < 0 or num_mutants + num_crossovers < 1:
+            raise ValueError("num_mutants and num_crossovers must be >= 0 and not both 0")
+        if not (0.0 <= mutation_prob <= 1.0 and 0.0 <= crossover_prob <= 1.0):
+            raise ValueError("mutation_prob and crossover_prob must be probabilities")
+        super().__init__(population_size=population_size)
+        self._space = search_space
+        self._num_parents = num_parents
+        self._num_mutants = num_mutants
+        self._num_crossovers = num_crossovers
+        self._mutation_prob = mutation_prob
+        self._crossover_prob = crossover_prob
+        self._max_tries = max_tries
+        self._seed = int(np.random.SeedSequence().entropy if seed is None else seed)
+        self._random_sampler = RandomSampler(seed=seed)
+
+    @property
+    def search_space(self) -> LongRoPESearchSpace:
+        """What this sampler searches."""
+        return self._space
+
+    def reseed_rng(self) -> None:
+        # Proposals are keyed by (seed, trial number), so parallel copies never draw alike;
+        # only the fallback sampler keeps a stream that would repeat across threads.
+        self._random_sampler.reseed_rng()
+
+    def generation_size(self, generation: int) -> int:
+        """Complete trials that make up ``generation``: ``population_size`` for 0, else mutants + crossovers."""
+        assert self.population_size is not None
+        return self.population_size if generation == 0 else self._num_mutants + self._num_crossovers
+
+    def get_trial_generation(self, study: optuna.Study, trial: FrozenTrial) -> int:
+        """The generation of ``trial``, assigned (and stored) on first call.
+
+        BaseGASampler's rule with a size per generation: the trial joins the newest generation
+        that has complete trials unless that one already has :meth:`generation_size` of them.
+        """
+        key = self._get_generation_key()
+        generation = trial.system_attrs.get(key)
+        if generation is not None:
+            return generation
+        counts: dict[int, int] = {}
+        for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True):
+            g = t.system_attrs.get(key, -1)
+            counts[g] = counts.get(g, 0) + 1
+        newest = max((g for g in counts if g >= 0), default=0)
+        generation = newest if counts.get(newest, 0) < self.generation_size(newest) else newest + 1
+        study._storage.set_trial_system_attr(trial._trial_id, key, generation)
+        return generation
+
+    def select_parent(self, study: optuna.Study, generation: int) -> list[FrozenTrial]:
+        """The best ``num_parents`` feasible complete trials of generations before ``generation``."""
+        key = self._get_generation_key()
+        sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+        candidates = [
+            t
+            for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.system_attrs.get(key, -1) < generation
+            and all(v <= 0.0 for v in t.constraints.values())
+            and self._space.has_all_params(t.params)
+        ]
+        candidates.sort(key=lambda t: (sign * t.value, t.number))
+        return candidates[: self._num_parents]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._raise_error_if_multi_objective(study)
+        # Enqueued seeds never reach sample_relative, yet must count towards generation 0.
+        self.get_trial_generation(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._space.distributions()
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if "fixed_params" in trial.system_attrs:
+            return {}
+        # `trial` is a snapshot from before before_trial; the storage has its generation.
+        current = study._storage.get_trial(trial._trial_id)
+        proposal = current.system_attrs.get(PROPOSAL_KEY)
+        if proposal is None:
+            proposal = self._propose(study, current)
+        return {name: value for name, value in proposal.items() if name in search_space}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self._random_sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def _propose(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        """Decide ``trial``'s parameters and store them with its role and parents."""
+        generation = self.get_trial_generation(study, trial)
+        rng = np.random.default_rng([self._seed, trial.number])
+        trials = study._get_trials(deepcopy=False)
+        seen = {self._grid_key(p) for t in trials for p in self._known_params(t)}
+        parents = self.get_parent_population(study, generation)
+        parent_params = [self._project(t.params) for t in parents]
+
+        role = self._role(trials, trial, generation) if parents else MUTANT
+        if not parents:
+            parent_numbers: list[int] = []
+            proposal = self._mutant(self._initial_params(study), seen, rng)
+        elif role == CROSSOVER and len(parents) >= 2:
+            i, j = (int(k) for k in rng.choice(len(parents), size=2, replace=False))
+            child = self._crossover_child(parent_params[i], parent_params[j], seen, rng)
+            if child is None:
+                parent_numbers, proposal = [parents[i].number], self._mutant(parent_params[i], seen, rng)
+            else:
+                parent_numbers, proposal = [parents[i].number, parents[j].number], child
+        else:
+            i = int(rng.integers(len(parents)))
+            parent_numbers, proposal = [parents[i].number], self._mutant(parent_params[i], seen, rng)
+
+        storage = study._storage
+        storage.set_trial_system_attr(trial._trial_id, PROPOSAL_KEY, proposal)
+        storage.set_trial_system_attr(trial._trial_id, ROLE_KEY, role)
+        storage.set_trial_system_attr(trial._trial_id, PARENTS_KEY, parent_numbers)
+        return proposal
+
+    def _role(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int) -> str:
+        """Mutant until the generation has ``num_mutants`` live mutants, crossover child after."""
+        key = self._get_generation_key()
+        live_mutants = sum(
+            1
+            for t in trials
+            if t.number != trial.number
+            and t.state not in (TrialState.FAIL, TrialState.PRUNED)
+            and t.system_attrs.get(key) == generation
+            and t.system_attrs.get(ROLE_KEY) == MUTANT
+        )
+        return MUTANT if live_mutants < self._num_mutants or self._num_crossovers == 0 else CROSSOVER
+
+    def _mutant(self, parent: dict[str, Any], seen: set[tuple[int, ...]], rng: np.random.Generator) -> dict[str, Any]:
+        draws = []
+        for _ in range(self._max_tries):
+            child = mutate(parent, self._space, rng, self._mutation_prob)
+            if self._is_new_and_monotone(child, seen):
+                return child
+            draws.append(self._project(child))
+        for child in draws:
+            if self._grid_key(child) not in seen:
+                return child
+        warnings.warn(
+            f"LongRoPESampler: no unseen mutant in {self._max_tries} draws (the grid near this parent is "
+            "exhausted); proposing a repeat",
+            stacklevel=2,
+        )
+        return draws[-1]
+
+    def _crossover_child(
+        self, first: dict[str, Any], second: dict[str, Any], seen: set[tuple[int, ...]], rng: np.random.Generator
+    ) -> dict[str, Any] | None:
+        for _ in range(self._max_tries):
+            child = crossover(first, second, rng, self._crossover_prob)
+            if self._is_new_and_monotone(child, seen):
+                return child
+        return None
+
+    def _is_new_and_monotone(self, params: dict[str, Any], seen: set[tuple[int, ...]]) -> bool:
+        factors = [params[name] for name in self._space.factor_names]
+        return self._space.is_monotone(factors) and self._grid_key(params) not in seen
+
+    def _project(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` clamped into bounds and made monotone (:meth:`LongRoPESearchSpace.to_params`)."""
+        return self._space.to_params(self._space.to_factors(params))
+
+    def _grid_key(self, params: Mapping[str, Any]) -> tuple[int, ...]:
+        step = self._space.step
+        key = [_grid_index(params[name], step) for name in self._space.factor_names]
+        if self._space.searches_start_tokens:
+            key.append(int(params[START_TOKENS_PARAM]))
+        if self._space.searches_attention_scaling:
+            key.append(_grid_index(params[ATTENTION_SCALING_PARAM], step))
+        return tuple(key)
+
+    def _known_params(self, trial: FrozenTrial) -> list[Mapping[str, Any]]:
+        """Every full parameter set ``trial`` stands for: evaluated, enqueued or proposed."""
+        candidates = (trial.params, trial.system_attrs.get("fixed_params"), trial.system_attrs.get(PROPOSAL_KEY))
+        return [p for p in candidates if p and self._space.has_all_params(p)]
+
+    def _initial_params(self, study: optuna.Study) -> dict[str, Any]:
+        """The vector whose mutants fill generation 0 (and any generation left without parents)."""
+        seeds = study._storage.get_study_system_attrs(study._study_id).get(SEEDS_KEY, [])
+        for record in seeds:
+            if record["method"] == "yarn":
+                return self._project(record["params"])
+        if seeds:
+            return self._project(seeds[0]["params"])
+        space = self._space
+        top = min(space.scale, space.upper)
+        count = len(space.factor_names)
+        params: dict[str, Any] = {
+            name: space.min_factor + (top - space.min_factor) * (j + 1) / count
+            for j, name in enumerate(space.factor_names)
+        }
+        params[START_TOKENS_PARAM] = space.start_token_candidates[0]
+        params[ATTENTION_SCALING_PARAM] = space.default_attention_scaling
+        return self._project(params)

@@ -1,0 +1,65 @@
+"""Study presets: every shipped file loads; typos and impossible settings are clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from studies import PresetError, list_presets, load_preset
+
+REQUIRED = {"smollm2_16k", "smollm2_32k", "llama2_16k", "llama2_32k", "mistral_32k", "llama3_128k", "tiny"}
+
+
+def test_every_required_preset_ships_and_loads():
+    assert REQUIRED <= set(list_presets())
+    for name in list_presets():
+        preset = load_preset(name)
+        assert preset.name == name and preset.target_length > 0
+
+
+def test_paper_presets_use_the_reference_search():
+    for name in ("llama2_16k", "llama2_32k", "mistral_32k"):
+        preset = load_preset(name)
+        assert (preset.search.population, preset.search.parents) == (64, 32)
+        assert (preset.search.mutants, preset.search.crossovers) == (16, 16)
+        assert preset.data.source == "pg19" and preset.data.samples == 5
+    longrope2 = load_preset("llama3_128k")
+    assert longrope2.search.critical_dim == "auto" and longrope2.fitness.kind == "needle-perplexity"
+
+
+def test_overrides():
+    preset = load_preset("smollm2_16k").replace(search__n_trials=5, data__samples=2, target_length=32768,
+                                                model__device=None)
+    assert (preset.search.n_trials, preset.data.samples, preset.target_length) == (5, 2, 32768)
+    assert preset.model.device == "auto"
+    with pytest.raises(PresetError, match="n_trials must be a positive integer"):
+        preset.replace(search__n_trials=0)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "custom.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("target_length = 100\n[search]\npopulaton = 4\n", "unknown key.*populaton"),
+        ("target_length = 100\nmodle = 'x'\n", "unknown key.*modle"),
+        ("[model]\nname = 'x'\n", "target_length is missing"),
+        ("target_length = 100\n[model]\noriginal_length = 200\n", "must be longer than original_length"),
+        ("target_length = 100\n[fitness]\nkind = 'bleu'\n", "fitness.kind"),
+        ("target_length = 100\n[search]\nparents = 9\npopulation = 4\n", "parents cannot exceed"),
+        ("target_length = 'long'\n", "positive integer"),
+        ("target_length = = 3\n", "not valid TOML"),
+        ("target_length = 100\nsearch = 3\n", r"\[search\] must be a table"),
+    ],
+)
+def test_malformed_presets(tmp_path, text, message):
+    with pytest.raises(PresetError, match=message):
+        load_preset(write(tmp_path, text))
+
+
+def test_unknown_study_lists_the_presets():
+    with pytest.raises(PresetError, match="unknown study 'llama9_1m'.*smollm2_16k"):
+        load_preset("llama9_1m")

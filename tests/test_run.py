@@ -1,0 +1,177 @@
+"""`python -m hpo.run` end to end on the tiny preset: outputs, resume after SIGKILL, bad input, PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from hpo import study as study_module
+from hpo.run import main
+from hpo.sampler import LongRoPESampler
+from models.rope import RopeFactors
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpo.run", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def load_study(out_dir) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{out_dir / 'study.db'}")
+
+
+def generation(trial) -> int:
+    return trial.system_attrs[LongRoPESampler._get_generation_key()]
+
+
+def test_tiny_study_writes_factors_and_compares_with_baselines(tmp_path):
+    result = run_cli("--study", "tiny", "--out", str(tmp_path), "--n-trials", "10", "--quiet")
+    assert result.returncode == 0, result.stderr
+    for method in ("none", "pi", "ntk", "yarn", "longrope (trial"):
+        assert method in result.stdout
+    factors = RopeFactors.load(tmp_path / "best_factors.json")
+    assert factors.num_factors == 8 and factors.target_length == 256
+    rope = json.loads((tmp_path / "rope_parameters.json").read_text())["rope_parameters"]
+    assert rope["rope_type"] == "longrope" and rope["long_factor"] == list(factors.rescale_factors)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["trials"]["complete"] == 10
+    assert {"searched", "heldout"} <= set(summary["comparison"][-1])
+    study = load_study(tmp_path)
+    assert {t.user_attrs.get("seed") for t in study.trials} >= {"pi", "ntk", "yarn"}
+    assert factors.metadata["searched_perplexity"] == pytest.approx(study.best_value)
+
+
+def test_sigkill_mid_run_loses_no_completed_trial_and_generations_continue(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "hpo.run", "--study", "tiny", "--out", str(tmp_path),
+                                "--n-trials", "40", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    database = tmp_path / "study.db"
+    deadline = time.monotonic() + 300
+    completed_before = 0
+    while time.monotonic() < deadline and completed_before < 12:
+        time.sleep(0.2)
+        if database.exists():
+            try:
+                with sqlite3.connect(database) as connection:
+                    completed_before = connection.execute(
+                        "select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+            except sqlite3.OperationalError:  # tables not created yet, or locked
+                continue
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert completed_before >= 12, "the study did not get going"
+    before = {t.number: t for t in load_study(tmp_path).trials if t.state.name == "COMPLETE"}
+    max_generation_before = max(generation(t) for t in before.values())
+
+    result = run_cli("--study", "tiny", "--out", str(tmp_path), "--n-trials", "40", "--quiet")
+    assert result.returncode == 0, result.stderr
+    after = load_study(tmp_path).trials
+    for number, trial in before.items():  # every completed trial kept, unchanged
+        assert after[number].state.name == "COMPLETE" and after[number].value == trial.value
+        assert after[number].params == trial.params
+    finished = [t for t in after if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    assert len(finished) == 40
+    new_generations = [generation(t) for t in after if t.number > max(before) and t.state.name == "COMPLETE"]
+    assert min(new_generations) >= max_generation_before  # continued, not restarted at 0
+    assert max(new_generations) > max_generation_before
+
+
+def test_stale_running_trial_is_failed_and_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(study_module, "GRACE_PERIOD_S", 2)
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]) == 0
+    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    # a trial left RUNNING by a killed process: it has drawn a parameter, then its heartbeat stopped
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        orphan = study.ask()
+    drawn = orphan.suggest_float("factor_00", 1.0, 3.0)
+    storage.record_heartbeat(orphan._trial_id)
+    time.sleep(3)
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "10", "--quiet"]) == 0
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trials[orphan.number].state.name == "FAIL"
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1 and retried[0].params["factor_00"] == drawn
+    assert sum(t.state.name == "COMPLETE" for t in trials) >= 9
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_fitness = study_module.Workload.fitness
+
+    def flaky(self, factors, heldout=False, desc="trial"):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_fitness(self, factors, heldout=heldout, desc=desc)
+
+    monkeypatch.setattr(study_module.Workload, "fitness", flaky)
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "6", "--quiet"]) == 0
+    trials = load_study(tmp_path).trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and "out of memory" in failed[0].user_attrs["error"]
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--study", "llama9_1m"], "unknown study 'llama9_1m'"),
+        (["--study", "tiny", "--storage", "postgresql+psycopg://nobody@127.0.0.1:1/none"],
+         "cannot open study storage"),
+        (["--study", "tiny", "--storage", "notadb://x"], "cannot open study storage"),
+        (["--study", "tiny", "--target-length", "64"], "must be longer than the model's original window 128"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, args, message):
+    result = run_cli(*args, "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_malformed_preset_file(tmp_path):
+    preset = tmp_path / "broken.toml"
+    preset.write_text("target_length = 256\n[search]\npopulaton = 4\n")
+    result = run_cli("--study", str(preset), "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 2 and "populaton" in result.stderr
+
+
+def test_list_shows_the_presets():
+    result = run_cli("--list")
+    assert result.returncode == 0
+    assert "smollm2_16k" in result.stdout and "llama3_128k" in result.stdout
+
+
+def test_same_study_on_postgresql(tmp_path, postgres_url):
+    args = ["--study", "tiny", "--out", str(tmp_path), "--storage", postgres_url, "--quiet"]
+    assert main([*args, "--n-trials", "6"]) == 0
+    assert main([*args, "--n-trials", "9"]) == 0  # resumes the same study
+    study = optuna.load_study(study_name="tiny", storage=postgres_url)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 9
+    assert not (tmp_path / "study.db").exists()
+    assert (tmp_path / "best_factors.json").is_file()
+
+
+def test_longrope2_mode_with_needle_driven_fitness(tmp_path):
+    preset = tmp_path / "tiny_longrope2.toml"
+    preset.write_text(
+        'target_length = 512\n[model]\nname = "tiny-random-llama"\ndtype = "float32"\n'
+        '[data]\nsamples = 1\nheldout_samples = 1\n[fitness]\nkind = "needle-perplexity"\nneedles = 2\n'
+        '[search]\nn_trials = 8\npopulation = 4\nparents = 2\nmutants = 1\ncrossovers = 1\ncritical_dim = "auto"\n'
+    )
+    result = run_cli("--study", str(preset), "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    factors = RopeFactors.load(tmp_path / "best_factors.json").rescale_factors
+    study = optuna.load_study(study_name="tiny_longrope2", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    critical_dim = study.user_attrs["search_space"]["critical_dim"]
+    assert critical_dim == 2
+    assert not any(name in study.best_params for name in ("factor_00", "factor_01"))
+    for i in range(critical_dim):  # derived, NTK-shaped below the critical dim
+        assert factors[i] == pytest.approx(factors[critical_dim] ** (i / critical_dim))
