@@ -43,7 +43,11 @@ def layer_progress(model: nn.Module, desc: str, enabled: bool = True) -> Iterato
         yield
         return
     bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
-    handles = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+
+    def advance(*_) -> None:  # must return None: a forward hook's return value replaces the layer's output
+        bar.update(1)
+
+    handles = [layer.register_forward_hook(advance) for layer in layers]
     try:
         yield
     finally:

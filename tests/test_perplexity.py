@@ -61,3 +61,10 @@ def test_score_mask_scores_only_the_masked_tokens(model, input_ids):
     expected = torch.nn.functional.cross_entropy(logits[[4, 5, 29]], ids[[5, 6, 30]], reduction="sum").item()
     assert count == 3
     assert nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_progress_bars_do_not_change_the_result(model, input_ids):
+    windows = [input_ids[0]]
+    quiet = perplexity(model, windows, progress=False)
+    shown = perplexity(model, windows, progress=True)
+    assert shown.perplexity == quiet.perplexity
