@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ASSETS_STAMP := $(VENV)/.assets
 
-.PHONY: setup assets run test lint bench clean
+.PHONY: setup assets postgres run test lint bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,postgres]'
 	touch $@
 
 setup: $(STAMP)
@@ -23,10 +24,16 @@ $(ASSETS_STAMP): $(STAMP) models/assets.py
 
 assets: $(ASSETS_STAMP)
 
-run: assets
-	$(PY) -m objectives.evaluate --model smollm2-135m --methods none,pi,ntk,yarn --lengths 8192,16384 --samples 1
+# The PostgreSQL tests start a throwaway server from Debian's binaries.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql package for the storage tests"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql; }
 
-test: assets
+run: assets
+	$(PY) -m hpo.run --study smollm2_16k
+
+test: assets postgres
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
