@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from models.patch import restore_original
 from models.rope import RopeFactors, RopeGeometry
 
 logger = logging.getLogger(__name__)
@@ -80,8 +79,7 @@ def save_extended_model(model: Any, tokenizer: Any, out_dir: str | Path, long_fa
                         short_factors: RopeFactors | None = None) -> Path:
     """Save weights, tokenizer and an extended config to ``out_dir`` for ``from_pretrained``."""
     out_dir = Path(out_dir)
-    restore_original(model)  # save the stock module state; the config carries the factors
-    original_config = model.config
+    original_config = model.config  # inv_freq is not a saved buffer: only the config carries the factors
     model.config = extended_config(original_config, long_factors, short_factors)
     try:
         model.save_pretrained(out_dir)

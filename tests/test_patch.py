@@ -149,11 +149,12 @@ def test_exported_longrope_config_reproduces_patched_logits(model, input_ids, tm
         def save_pretrained(self, path):
             return path
 
-    save_extended_model(model, NoTokenizer(), tmp_path, factors)
+    apply_factors(model, factors)
+    save_extended_model(model, NoTokenizer(), tmp_path, factors)  # saving leaves the model patched
     stock = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert stock.config.rope_parameters["rope_type"] == "longrope"
+    assert model.config.rope_parameters["rope_type"] == "default"
     assert input_ids.shape[1] > TINY_WINDOW
-    apply_factors(model, factors)
     torch.testing.assert_close(logits(stock, input_ids), logits(model, input_ids), rtol=1e-5, atol=1e-5)
 
 
