@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ASSETS_STAMP := $(VENV)/.assets
 
-.PHONY: setup assets postgres run test lint bench clean
+.PHONY: setup assets postgres chromium run test lint bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -30,10 +30,16 @@ postgres:
 		echo "installing Debian's postgresql package for the storage tests"; \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql; }
 
+# The report tests open the HTML report in a real headless Chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium package for the report tests"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
 run: assets
 	$(PY) -m hpo.run --study smollm2_16k
 
-test: assets postgres
+test: assets postgres chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from hpo import evaluate
 from models.loading import DEFAULT_MODEL, cpu_supports_bf16, load_model
-from objectives import evaluate
 from objectives.data import load_windows
 from objectives.perplexity import window_nll
 

@@ -1,0 +1,141 @@
+"""Show a LongRoPE study in Optuna Dashboard, with the report's figures and the factor files.
+
+    python -m dashboards.serve --study smollm2_16k [--out runs/smollm2_16k | --storage URL] \\
+        [--results FILE ...] [--host 127.0.0.1] [--port 8080] [--artifact-dir DIR]
+
+First the figures of :func:`dashboards.figures.report_figures` are saved into the
+study (``optuna_dashboard.save_plotly_graph_object``; saving again replaces them)
+and ``best_factors.json`` and ``rope_parameters.json`` from the study directory
+are uploaded as study artifacts (a file already uploaded with the same bytes is
+not uploaded again). Then optuna-dashboard serves the study's storage on
+loopback by default; ``--port 0`` picks a free port. The first line printed is
+the study's dashboard URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+import optuna_dashboard
+import plotly.graph_objects as go
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from dashboards.figures import report_figures
+from dashboards.report import gather_results
+from hpo.evaluate import ResultsError, best_factors, load_study, study_dir
+from hpo.study import StorageError
+
+logger = logging.getLogger("dashboards.serve")
+
+FACTOR_FILES = ("best_factors.json", "rope_parameters.json")
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a browser's open connections must not keep the process alive on Ctrl-C
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, fmt: str, *args) -> None:
+        logger.debug(fmt, *args)
+
+
+def _already_uploaded(study: optuna.Study, store: FileSystemArtifactStore, path: Path) -> bool:
+    content = path.read_bytes()
+    for meta in get_all_artifact_meta(study):
+        if meta.filename != path.name:
+            continue
+        try:
+            with store.open_reader(meta.artifact_id) as reader:
+                if reader.read() == content:
+                    return True
+        except ArtifactNotFound:  # recorded in the study, but not in this artifact directory
+            continue
+    return False
+
+
+def publish(study: optuna.Study, figures: dict[str, go.Figure], files: Sequence[Path],
+            store: FileSystemArtifactStore) -> list[Path]:
+    """Save ``figures`` into ``study`` under their ids and upload the ``files`` not uploaded before.
+
+    Returns the files uploaded by this call.
+    """
+    for figure_id, figure in figures.items():
+        optuna_dashboard.save_plotly_graph_object(study, figure, graph_object_id=figure_id)
+    uploaded = []
+    for path in files:
+        if not _already_uploaded(study, store, path):
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+            uploaded.append(path)
+    return uploaded
+
+
+def serve(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, host: str, port: int,
+          study: optuna.Study) -> None:
+    """Run optuna-dashboard on ``storage`` until interrupted; prints the study's URL first."""
+    app = optuna_dashboard.wsgi(storage, artifact_store=store)
+    server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+    print(f"Optuna Dashboard: http://{host}:{server.server_port}/dashboard/studies/{study._study_id}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dashboards.serve",
+                                     description="Publish a study's figures and factor files to Optuna Dashboard "
+                                                 "and serve it.")
+    parser.add_argument("--study", required=True, metavar="NAME", help="study name")
+    parser.add_argument("--storage", metavar="URL", help="storage URL (default: DIR/study.db)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="study output directory (default: runs/NAME)")
+    parser.add_argument("--results", nargs="+", action="extend", type=Path, default=[], metavar="FILE",
+                        help="evaluation tables for the figures (default: DIR/evaluation.csv, if any)")
+    parser.add_argument("--artifact-dir", type=Path, metavar="DIR",
+                        help="artifact store directory (default: DIR/artifacts of the study directory)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    parser.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directory = study_dir(args.study, args.out)
+    try:
+        study = load_study(args.study, args.storage, args.out)
+        results = gather_results(args.results, [args.study], [directory])
+        figures = report_figures([study], results)
+        factors = best_factors(study)
+    except (StorageError, ResultsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    artifact_dir = args.artifact_dir or directory / "artifacts"
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(artifact_dir))
+    with tempfile.TemporaryDirectory() as scratch:
+        files = [directory / name for name in FACTOR_FILES if (directory / name).is_file()]
+        if not any(path.name == "best_factors.json" for path in files):
+            # The study has not been through hpo.run's final step (or lives elsewhere): take its best trial now.
+            files.insert(0, factors.save(Path(scratch) / "best_factors.json"))
+        uploaded = publish(study, figures, files, store)
+    logger.info("saved %d figures into study %r; uploaded %s to %s", len(figures), study.study_name,
+                ", ".join(p.name for p in uploaded) or "no new artifacts", artifact_dir)
+    try:
+        serve(study._storage, store, args.host, args.port, study)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Evaluate RoPE rescalings on long-context tasks: the one evaluation entry point.
+
+    python -m hpo.evaluate --model smollm2-135m --methods none,pi,ntk,yarn \\
+        --lengths 8192,16384 --samples 2 [--factors best_factors.json] [--json out.json] [--csv out.csv]
+    python -m hpo.evaluate --study smollm2_16k [--out runs/smollm2_16k | --storage URL] \\
+        --tasks ppl,passkey,needle-ppl --lengths 8192,16384 --samples 2 --seed 0
+
+Candidates are the baselines of ``--methods``, each ``--factors`` file, and with
+``--study`` the best factors of that study (read from its storage, or from
+``DIR/best_factors.json`` when the directory has no ``study.db``). Tasks:
+
+- ``ppl``: perplexity of ``samples`` windows of each length (or a sliding window);
+- ``passkey``: passkey retrieval (:mod:`objectives.passkey`), ``samples`` prompts
+  in each of ``--depth-bins`` depth ranges, accuracy per length and depth;
+- ``needle-ppl``: LongRoPE2's needle-driven perplexity (:mod:`objectives.needle`).
+
+The model is loaded once; only its RoPE changes between candidates. The result
+is a tidy table, one row per (method, task, length, depth): printed, and written
+as CSV and JSON (with ``--study``, by default ``DIR/evaluation.csv`` and ``.json``),
+which :func:`read_results` and the reports in :mod:`dashboards` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from tqdm.auto import tqdm
+
+from hpo.search_space import LongRoPESearchSpace
+from hpo.study import StorageError, default_storage_url, open_storage
+from models.assets import AssetError
+from models.baselines import BASELINES, baseline
+from models.loading import DEFAULT_MODEL, ModelLoadError, load_model
+from models.patch import patched
+from models.rope import FactorError, RopeFactors, RopeGeometry
+from objectives.data import EMBEDDED_CORPUS, WINDOW_MODES, DataError, load_windows
+from objectives.needle import needle_windows
+from objectives.passkey import evaluate_passkey, group_by_depth, passkey_prompts
+from objectives.perplexity import PerplexityResult, perplexity, sliding_window_perplexity
+from studies import PresetError, load_preset
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("ppl", "passkey", "needle-ppl")
+DEFAULT_LENGTHS = [8192, 16384]
+RESULT_COLUMNS = ("method", "task", "length", "depth", "perplexity", "accuracy", "seconds", "tokens", "windows")
+
+
+@dataclass
+class EvaluationRow:
+    """One measurement: a method on a task at a length (and, for passkey, a depth bin).
+
+    ``perplexity`` is set for ``ppl`` and ``needle-ppl``, ``accuracy`` and ``depth``
+    (the centre of the depth bin, 0 = top of the context) for ``passkey``; the
+    others are None. ``windows`` counts the windows or prompts measured.
+    """
+
+    method: str
+    length: int
+    seconds: float
+    tokens: int
+    windows: int
+    task: str = "ppl"
+    perplexity: float | None = None
+    accuracy: float | None = None
+    depth: float | None = None
+
+
+class StudyError(ValueError):
+    """A study that cannot be found, or that holds nothing to evaluate yet."""
+
+
+class ResultsError(ValueError):
+    """A results file that does not exist or is not an evaluation table."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Studies: where they live and the factors they found.
+
+
+def study_dir(name: str, out: str | Path | None = None) -> Path:
+    """A study's output directory: ``out``, else ``runs/<name>`` as ``python -m hpo.run`` uses."""
+    return Path(out) if out is not None else Path("runs") / name
+
+
+def load_study(name: str, storage: str | None = None, out: str | Path | None = None) -> optuna.Study:
+    """Open the existing study ``name`` in ``storage`` (default: ``study.db`` in :func:`study_dir`).
+
+    Raises :class:`StudyError` when the storage file or the study does not exist;
+    an SQLite file is never created by looking.
+    """
+    url = storage or default_storage_url(study_dir(name, out))
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise StudyError(f"no study storage at {url.removeprefix('sqlite:///')}: pass the study's --out DIR "
+                         f"(where `python -m hpo.run --study {name}` wrote study.db) or --storage URL")
+    opened = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=opened)
+    except KeyError:
+        names = optuna.get_all_study_names(opened)
+        raise StudyError(f"no study {name!r} in {url}; it holds: {', '.join(names) or 'no studies'}") from None
+
+
+def recorded_search_space(study: optuna.Study) -> LongRoPESearchSpace:
+    """The search space ``hpo.study.open_study`` recorded in the study's user attrs."""
+    record = study.user_attrs.get("search_space")
+    if record is None:
+        raise StudyError(f"study {study.study_name!r} has no recorded search space: not made by python -m hpo.run?")
+    return LongRoPESearchSpace(
+        num_factors=record["num_factors"],
+        original_length=record["original_length"],
+        target_length=record["target_length"],
+        max_factor=record["max_factor"],
+        start_token_candidates=tuple(record["start_tokens"]),
+        attention_scaling_range=tuple(record["attention_scaling"]) if record["attention_scaling"] else None,
+        critical_dim=record["critical_dim"],
+    )
+
+
+def best_factors(study: optuna.Study) -> RopeFactors:
+    """The factors of the study's best complete trial, with provenance in ``metadata``."""
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise StudyError(f"study {study.study_name!r} has no complete trial yet")
+    best = study.best_trial
+    found = recorded_search_space(study).to_factors(best.params)
+    return RopeFactors(found.rescale_factors, found.original_length, found.target_length, found.start_tokens,
+                       found.attention_scaling, method="longrope",
+                       metadata={"study": study.study_name, "trial": best.number, "searched_perplexity": best.value})
+
+
+def study_model(study: optuna.Study) -> str | None:
+    """The model the study searched, from its preset; None when the preset is not a shipped one."""
+    try:
+        return load_preset(study.user_attrs.get("preset", study.study_name)).model.name
+    except PresetError:
+        return None
+
+
+def study_factors(name: str, storage: str | None = None,
+                  out: str | Path | None = None) -> tuple[RopeFactors, str | None]:
+    """``(best factors, model name or None)`` of study ``name``.
+
+    Read from the storage when ``storage`` is given or ``study.db`` exists in the
+    study directory, else from ``best_factors.json`` there.
+    """
+    directory = study_dir(name, out)
+    factor_file = directory / "best_factors.json"
+    if storage is None and not (directory / "study.db").is_file() and factor_file.is_file():
+        factors = RopeFactors.load(factor_file)
+        return factors, factors.metadata.get("model")
+    study = load_study(name, storage, out)
+    return best_factors(study), study_model(study)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks. Each prepares its inputs once per length and returns a function that measures the model
+# with whatever RoPE it has at call time, so every candidate sees the same windows and prompts.
+
+Measure = Callable[[str], list[EvaluationRow]]
+
+
+def _perplexity_task(args: argparse.Namespace, model, tokenizer, length: int) -> Measure:
+    progress = not args.no_progress
+    if args.sliding_stride:
+        stream = load_windows(args.data, tokenizer, length * args.samples, 1, first_window=args.first_window,
+                              mode=args.window_mode)[0]
+
+        def score(name: str) -> PerplexityResult:
+            return sliding_window_perplexity(model, stream, length, args.sliding_stride, progress=progress)
+    else:
+        windows = load_windows(args.data, tokenizer, length, args.samples, first_window=args.first_window,
+                               mode=args.window_mode)
+
+        def score(name: str) -> PerplexityResult:
+            return perplexity(model, windows, progress=progress, desc=f"{name}@{length}")
+
+    def measure(name: str) -> list[EvaluationRow]:
+        result = score(name)
+        return [EvaluationRow(name, length, result.seconds, result.tokens, len(result.window_perplexities),
+                              task="ppl", perplexity=result.perplexity)]
+
+    return measure
+
+
+def _needle_task(args: argparse.Namespace, model, tokenizer, length: int) -> Measure:
+    windows = load_windows(args.data, tokenizer, length, args.samples, first_window=args.first_window,
+                           mode=args.window_mode)
+    windows, masks = needle_windows(windows, tokenizer, args.needles, seed=args.seed)
+
+    def measure(name: str) -> list[EvaluationRow]:
+        result = perplexity(model, windows, score_masks=masks, progress=not args.no_progress,
+                            desc=f"{name}@{length} needles")
+        return [EvaluationRow(name, length, result.seconds, result.tokens, len(windows), task="needle-ppl",
+                              perplexity=result.perplexity)]
+
+    return measure
+
+
+def _passkey_task(args: argparse.Namespace, model, tokenizer, length: int) -> Measure:
+    prompts = passkey_prompts(tokenizer, length, args.samples, depth_bins=args.depth_bins, seed=args.seed)
+
+    def measure(name: str) -> list[EvaluationRow]:
+        outcomes = evaluate_passkey(model, tokenizer, prompts, progress=not args.no_progress,
+                                    desc=f"{name}@{length} passkey")
+        return [EvaluationRow(name, length, sum(o.seconds for o in cell), sum(o.prompt.input_ids.numel() for o in cell),
+                              len(cell), task="passkey", accuracy=sum(o.correct for o in cell) / len(cell),
+                              depth=depth)
+                for depth, cell in group_by_depth(outcomes, args.depth_bins).items()]
+
+    return measure
+
+
+TASK_BUILDERS: dict[str, Callable[[argparse.Namespace, object, object, int], Measure]] = {
+    "ppl": _perplexity_task,
+    "passkey": _passkey_task,
+    "needle-ppl": _needle_task,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpo.evaluate",
+        description="Evaluate RoPE rescalings (baselines, factor files, a study's best factors) on perplexity, "
+                    "passkey retrieval and needle-driven perplexity.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default=None,
+                        help=f"short name, hub id, local model directory or .gguf file "
+                             f"(default: the study's model, else {DEFAULT_MODEL})")
+    parser.add_argument("--methods", default="none,pi,ntk,yarn",
+                        help=f"comma-separated baselines among {', '.join(BASELINES)} (may be empty)")
+    parser.add_argument("--factors", action="append", default=[], metavar="FILE",
+                        help="a factor file (JSON) to evaluate as one more method; repeatable")
+    parser.add_argument("--study", default=None, metavar="NAME",
+                        help="also evaluate this study's best factors (method 'longrope:NAME')")
+    parser.add_argument("--storage", default=None, metavar="URL", help="the study's storage URL")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="the study's output directory (default: runs/NAME)")
+    parser.add_argument("--tasks", default="ppl", help=f"comma-separated tasks among {', '.join(TASKS)}")
+    parser.add_argument("--lengths", type=_int_list, default=None,
+                        help="lengths in tokens (default: the study's original and target lengths, "
+                             f"else {','.join(map(str, DEFAULT_LENGTHS))})")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="windows per length (ppl, needle-ppl); prompts per length and depth bin (passkey)")
+    parser.add_argument("--depth-bins", type=int, default=5, help="passkey: equal depth ranges the keys are drawn in")
+    parser.add_argument("--needles", type=int, default=4, help="needle-ppl: needles per window")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the passkey keys and depths and the needles")
+    parser.add_argument("--first-window", type=int, default=0, help="skip this many windows of the corpus")
+    parser.add_argument("--data", default=EMBEDDED_CORPUS,
+                        help="'essays', a .txt/.jsonl/.parquet path or directory, pg19, proof-pile, hf:NAME[:SPLIT]")
+    parser.add_argument("--window-mode", choices=WINDOW_MODES, default=None,
+                        help="documents: first tokens of each document; stream: consecutive windows "
+                             "(default: stream for essays, documents otherwise)")
+    parser.add_argument("--sliding-stride", type=int, default=None, metavar="TOKENS",
+                        help="ppl: score the stream with a sliding window of each length moved by this stride "
+                             "(over samples x length tokens) instead of separate windows")
+    parser.add_argument("--original-length", type=int, default=None,
+                        help="the model's pretrained window (default: the study's, else from the model config)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--attn", default="auto", help="attention implementation: auto, sdpa, eager, flash_attention_2")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="write the results as JSON (with --study, default DIR/evaluation.json)")
+    parser.add_argument("--csv", type=Path, default=None, metavar="FILE",
+                        help="write the results as CSV (with --study, default DIR/evaluation.csv)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _names(text: str, known: Collection[str], what: str) -> list[str]:
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
+def run(args: argparse.Namespace) -> list[EvaluationRow]:
+    """Evaluate every candidate on every task and length of ``args`` (a :func:`build_parser` namespace).
+
+    ``args.model`` is set to the model actually loaded, so callers can record it.
+    """
+    methods = _names(args.methods, BASELINES, "method")
+    tasks = _names(args.tasks, TASKS, "task")
+    if not tasks:
+        raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
+    found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)
+    args.model = args.model or study_model_name or DEFAULT_MODEL
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    geometry = RopeGeometry.from_config(model.config)
+    original_length = args.original_length or (found.original_length if found else None)
+    if original_length:
+        geometry = RopeGeometry(geometry.rotary_dim, geometry.base, original_length)
+    extra = [(Path(f).stem, RopeFactors.load(f, geometry)) for f in args.factors]
+    if found:
+        found.validate(geometry)
+        extra.insert(0, (f"longrope:{args.study}", found))
+    lengths = args.lengths or ([geometry.original_length, found.target_length] if found else DEFAULT_LENGTHS)
+
+    rows = []
+    bar = tqdm(total=len(lengths) * len(tasks) * (len(methods) + len(extra)), desc="evaluations", unit="eval",
+               disable=args.no_progress)
+    for length in lengths:
+        candidates = [(name, baseline(name, geometry, length)) for name in methods] + extra
+        for task in tasks:
+            measure = TASK_BUILDERS[task](args, model, tokenizer, length)
+            for name, factors in candidates:
+                bar.set_postfix_str(f"{name} {task}@{length}")
+                with patched(model, factors):
+                    new_rows = measure(name)
+                for row in new_rows:
+                    logger.info("%s", describe(row))
+                rows += new_rows
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The results table.
+
+
+def results_frame(rows: list[EvaluationRow]) -> pd.DataFrame:
+    """The rows as a tidy DataFrame with columns :data:`RESULT_COLUMNS`."""
+    return pd.DataFrame([asdict(row) for row in rows], columns=list(RESULT_COLUMNS))
+
+
+def write_results(rows: list[EvaluationRow], *, csv: Path | None = None, json_path: Path | None = None,
+                  meta: dict | None = None) -> list[Path]:
+    """Write the table as CSV and/or JSON (``{**meta, "results": [row, ...]}``); returns the paths written."""
+    written = []
+    if csv is not None:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        results_frame(rows).to_csv(csv, index=False)
+        written.append(csv)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({**(meta or {}), "results": [asdict(r) for r in rows]}, indent=2) + "\n")
+        written.append(json_path)
+    return written
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """An evaluation table written by :func:`write_results` (``.csv`` or ``.json``) as a DataFrame.
+
+    Columns missing from older files (``task``, ``accuracy``, ``depth``) are filled:
+    a row without a task was a perplexity row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"results file {path} does not exist")
+    try:
+        if path.suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif path.suffix == ".json":
+            frame = pd.DataFrame(json.loads(path.read_text())["results"])
+        else:
+            raise ResultsError(f"results file {path} must be .csv or .json")
+    except (ValueError, KeyError, TypeError, pd.errors.ParserError) as error:
+        raise ResultsError(f"results file {path} is not an evaluation table: {error}") from None
+    missing = [c for c in ("method", "length") if c not in frame.columns]
+    if missing:
+        raise ResultsError(f"results file {path} lacks the column(s) {', '.join(missing)}")
+    if "task" not in frame.columns:
+        frame["task"] = "ppl"
+    return frame.reindex(columns=list(RESULT_COLUMNS))
+
+
+def describe(row: EvaluationRow) -> str:
+    """One row in words, for the log."""
+    where = f"{row.method} {row.task}@{row.length}"
+    if row.task == "passkey":
+        return f"{where} depth {row.depth:.2f}: accuracy {row.accuracy:.2f} of {row.windows} ({row.seconds:.1f}s)"
+    return f"{where}: perplexity {row.perplexity:.3f} ({row.seconds:.1f}s)"
+
+
+def format_table(rows: list[EvaluationRow]) -> str:
+    """One block per task: methods down, lengths across.
+
+    Perplexity cells read ``perplexity (seconds)``; passkey cells ``accuracy% (seconds)``
+    over all depths of that length.
+    """
+    blocks = []
+    for task in dict.fromkeys(row.task for row in rows):
+        task_rows = [row for row in rows if row.task == task]
+        cells: dict[tuple[str, int], str] = {}
+        if task == "passkey":
+            for method, length in dict.fromkeys((row.method, row.length) for row in task_rows):
+                cell = [r for r in task_rows if (r.method, r.length) == (method, length)]
+                accuracy = sum(r.accuracy * r.windows for r in cell) / sum(r.windows for r in cell)
+                cells[method, length] = f"{100 * accuracy:7.1f}% ({sum(r.seconds for r in cell):6.1f}s)"
+            title = "passkey: accuracy over all depths (seconds)"
+        else:
+            cells = {(r.method, r.length): f"{r.perplexity:8.2f} ({r.seconds:6.1f}s)" for r in task_rows}
+            title = f"{task}: perplexity (seconds)"
+        lengths = sorted({length for _, length in cells})
+        methods = list(dict.fromkeys(method for method, _ in cells))
+        width = max(len(m) for m in methods + ["method"])
+        header = f"{'method':<{width}} | " + " | ".join(f"{length:>18,}" for length in lengths)
+        lines = [title, header, "-" * len(header)]
+        for method in methods:
+            values = " | ".join(f"{cells.get((method, length), '-'):>18}" for length in lengths)
+            lines.append(f"{method:<{width}} | {values}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        rows = run(args)
+    except (AssetError, ModelLoadError, FactorError, DataError, StorageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    csv_path, json_path = args.csv, args.json
+    if args.study and csv_path is None and json_path is None:
+        csv_path = study_dir(args.study, args.out) / "evaluation.csv"
+        json_path = csv_path.with_suffix(".json")
+    meta = {"model": args.model, "data": args.data, "study": args.study, "tasks": args.tasks, "seed": args.seed}
+    for path in write_results(rows, csv=csv_path, json_path=json_path, meta=meta):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
