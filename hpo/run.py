@@ -4,19 +4,26 @@ Running the same command again continues the same study from its storage.
 ``--list`` shows the presets. The output directory (default ``runs/<study>``)
 holds ``study.db`` (unless ``--storage`` names another), ``best_factors.json``,
 ``rope_parameters.json`` and ``results.json``.
+
+Several processes given the same ``--storage`` and study share its trials and
+together finish exactly ``--n-trials``. ``--backend ray`` runs the trials on Ray
+Tune (a local instance, or the cluster at ``--ray-address``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from hpo.study import (
+    BackendError,
     StorageError,
     compare_with_baselines,
     default_storage_url,
@@ -35,6 +42,19 @@ from objectives.data import DataError
 from studies import PresetError, StudyPreset, list_presets, load_preset
 
 logger = logging.getLogger("hpo.run")
+RAY_OPTIONS = ("address", "cpus_per_trial", "gpus_per_trial", "max_concurrent")  # hpo.ray_backend.RayOptions fields
+
+
+def _positive(kind: type, allow_zero: bool = False):
+    """An argparse type: a number of ``kind`` that is > 0 (>= 0 with ``allow_zero``)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if allow_zero else '> 0'}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="override the device: auto, cpu, cuda, cuda:N")
     parser.add_argument("--seed", type=int, help="override the search seed")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the final table")
+    parser.add_argument("--no-pruning", action="store_true",
+                        help="measure every trial on every window (the preset's [search] pruning is ignored)")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="run trials in this process, or on Ray Tune")
+    # Left out of the namespace unless given (SUPPRESS), so that giving one without --backend ray is an error.
+    ray = parser.add_argument_group("Ray Tune (--backend ray)", argument_default=argparse.SUPPRESS)
+    ray.add_argument("--ray-address", dest="address",
+                     help="join this Ray cluster (host:port of its head, ray://..., auto) instead of starting one")
+    ray.add_argument("--cpus-per-trial", type=_positive(float), help="CPUs per trial (default 1)")
+    ray.add_argument("--gpus-per-trial", type=_positive(float, allow_zero=True), help="GPUs per trial (default 0)")
+    ray.add_argument("--max-concurrent", type=_positive(int),
+                     help="trials at once (default: as many as the cluster's CPUs and GPUs hold)")
     return parser
+
+
+def ray_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The Ray options given on the command line, as ``RayOptions`` fields; an error without ``--backend ray``."""
+    given = {name: getattr(args, name) for name in RAY_OPTIONS if hasattr(args, name)}
+    if given and args.backend != "ray":
+        raise BackendError("--ray-address, --cpus-per-trial, --gpus-per-trial and --max-concurrent need --backend ray")
+    return given
+
+
+def load_ray_backend():
+    """:mod:`hpo.ray_backend`, or a clear error when Ray Tune is not installed."""
+    try:
+        ray_backend = importlib.import_module("hpo.ray_backend")
+    except ImportError as error:
+        raise BackendError(f"--backend ray needs Ray Tune: pip install 'ray[tune]' (the `ray` extra); "
+                           f"{error}") from None
+    return ray_backend
 
 
 def print_presets() -> None:
@@ -66,7 +116,8 @@ def print_presets() -> None:
 
 def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPreset:
     return preset.replace(target_length=args.target_length, storage=args.storage, search__n_trials=args.n_trials,
-                          search__seed=args.seed, data__samples=args.samples, model__device=args.device)
+                          search__seed=args.seed, data__samples=args.samples, model__device=args.device,
+                          search__pruning=False if args.no_pruning else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,19 +132,30 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--study is required (or --list)")
     started = time.perf_counter()
     try:
+        ray_settings = ray_arguments(args)
         preset = apply_overrides(load_preset(args.study), args)
         out_dir = args.out or Path("runs") / preset.name
         out_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(preset.storage or default_storage_url(out_dir))
+        if args.backend == "ray":  # before loading the model: a bad address fails in seconds
+            ray_backend = load_ray_backend()
+            options = ray_backend.RayOptions(**ray_settings)
+            ray_backend.connect(options)
         workload = load_workload(preset)
         space = search_space_for(preset, workload.geometry)
         study = open_study(preset, storage, space)
-        logger.info("study %r in %s: %d trials so far, target %d", preset.name,
-                    preset.storage or default_storage_url(out_dir), len(study.trials), preset.search.n_trials)
-        run_search(study, workload, space, preset.search.n_trials, progress=not args.quiet)
+        logger.info("study %r in %s: %d trials so far, target %d, %s backend, pruning %s", preset.name,
+                    preset.storage or default_storage_url(out_dir), len(study.trials), preset.search.n_trials,
+                    args.backend, "on" if preset.search.pruning else "off")
+        if args.backend == "ray":
+            ray_backend.run_search_ray(study, storage, workload, space, preset, options, out_dir,
+                                       progress=not args.quiet)
+        else:
+            run_search(study, storage, workload, space, preset, progress=not args.quiet)
         rows = compare_with_baselines(study, workload, space)
         paths = write_outputs(out_dir, study, workload, space, preset, rows)
-    except (PresetError, StorageError, AssetError, ModelLoadError, FactorError, DataError, ValueError) as error:
+    except (PresetError, StorageError, BackendError, AssetError, ModelLoadError, FactorError, DataError,
+            ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

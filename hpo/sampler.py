@@ -156,13 +156,16 @@ class LongRoPESampler(BaseGASampler):
         seeds). A flat vector such as PI (or LongRoPE2's start, flat above ``d_c``) would be a poor
         base: mutation keeps each gene between its neighbours, so only its two end genes could move.
 
-        Every later generation holds ``num_mutants + num_crossovers`` complete trials: the first
-        ``num_mutants`` are mutants, the rest crossover children. :meth:`generation_size` gives
-        these sizes; :meth:`get_trial_generation` is BaseGASampler's rule (a trial joins the
-        newest generation until it has that many complete trials) with the size taken per
-        generation, since the base class has one size for all. Pruned and failed trials do not count, so a
-        generation runs until it has its complete trials, and a failed mutant is replaced by a
-        mutant.
+        Every later generation holds ``num_mutants + num_crossovers`` evaluated (complete or pruned)
+        trials: the first ``num_mutants`` are mutants, the rest crossover children.
+        :meth:`generation_size` gives these sizes; :meth:`get_trial_generation` is BaseGASampler's
+        rule (a trial joins the newest generation until it has that many evaluated trials) with the
+        size taken per generation, since the base class has one size for all. Pruned trials count:
+        a pruner that stops trials worse than every parent (:class:`hpo.pruning.ParentPruner`) stops
+        trials that would not have bred, so with or without pruning the generations advance at the
+        same trials and, unless a pruned trial would have become a parent after all, the proposals
+        are the same. Failed trials do not count: a generation runs until it has its evaluated
+        trials, and a failed mutant is replaced by a mutant.
 
     Parents:
         The parents of generation ``g`` are the best ``num_parents`` complete trials of all
@@ -256,14 +259,16 @@ class LongRoPESampler(BaseGASampler):
         """The generation of ``trial``, assigned (and stored) on first call.
 
         BaseGASampler's rule with a size per generation: the trial joins the newest generation
-        that has complete trials unless that one already has :meth:`generation_size` of them.
+        that has evaluated (complete or pruned) trials unless that one already has
+        :meth:`generation_size` of them.
         """
         key = self._get_generation_key()
         generation = trial.system_attrs.get(key)
         if generation is not None:
             return generation
         counts: dict[int, int] = {}
-        for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True):
+        evaluated = (TrialState.COMPLETE, TrialState.PRUNED)
+        for t in study._get_trials(deepcopy=False, states=evaluated, use_cache=True):
             g = t.system_attrs.get(key, -1)
             counts[g] = counts.get(g, 0) + 1
         newest = max((g for g in counts if g >= 0), default=0)
@@ -341,13 +346,13 @@ class LongRoPESampler(BaseGASampler):
         return proposal
 
     def _role(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int) -> str:
-        """Mutant until the generation has ``num_mutants`` live mutants, crossover child after."""
+        """Mutant until the generation has ``num_mutants`` live (not failed) mutants, crossover child after."""
         key = self._get_generation_key()
         live_mutants = sum(
             1
             for t in trials
             if t.number != trial.number
-            and t.state not in (TrialState.FAIL, TrialState.PRUNED)
+            and t.state != TrialState.FAIL
             and t.system_attrs.get(key) == generation
             and t.system_attrs.get(ROLE_KEY) == MUTANT
         )

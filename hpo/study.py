@@ -4,30 +4,46 @@ The flow is linear: load the model once, cut the searched and held-out windows,
 open (or create) the study in its storage, enqueue the baseline seeds once, run
 trials until the study holds ``n_trials`` finished ones, then compare the best
 factors with none / PI / NTK / YaRN on both window sets and write the outputs.
+The Ray backend (:mod:`hpo.ray_backend`) replaces only the middle step.
 
-Every trial is committed to the storage when it ends, so a stop at any moment
-loses at most the running trial. A run killed hard (SIGKILL) leaves that trial
-RUNNING; its heartbeat goes stale and the next run fails it and re-queues the
-same parameters.
+Every trial is claimed under a study-wide lock (:class:`TrialClaims`), so several
+processes may share one study, and committed to the storage when it ends, so a stop
+at any moment loses at most the running trial. A run killed hard (SIGKILL) leaves
+that trial RUNNING; its heartbeat goes stale and the next claim fails it and
+re-queues the same parameters. Trials are measured window by window and may be
+pruned (:mod:`hpo.pruning`).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import math
+import os
+import socket
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
+from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages._rdb.models import TrialHeartbeatModel
+from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.sampler import LongRoPESampler, enqueue_seeds
 from hpo.search_space import LongRoPESearchSpace
 from models.baselines import baseline, critical_dimension
@@ -37,19 +53,25 @@ from models.patch import patched
 from models.rope import RopeFactors, RopeGeometry
 from objectives.data import load_windows
 from objectives.needle import needle_windows
-from objectives.perplexity import perplexity
-from studies import StudyPreset
+from objectives.perplexity import PerplexityResult, perplexity
+from studies import SearchSpec, StudyPreset
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_METHODS = ("none", "pi", "ntk", "yarn")
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30
+SCHEMA_ATTEMPTS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+CLAIMED = (TrialState.RUNNING, *FINISHED)
 
 
 class StorageError(RuntimeError):
     """The study storage URL cannot be opened."""
+
+
+class BackendError(RuntimeError):
+    """The asked execution backend cannot run: not installed, or its cluster cannot be reached or used."""
 
 
 def default_storage_url(out_dir: Path) -> str:
@@ -58,19 +80,46 @@ def default_storage_url(out_dir: Path) -> str:
 
 def open_storage(url: str) -> RDBStorage:
     """An RDB storage with heartbeats, so trials of a killed process are failed and retried."""
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5 but are what resume needs
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                engine_kwargs={"pool_pre_ping": True},
-            )
-    except Exception as error:  # sqlalchemy raises many types for bad URLs and unreachable servers
-        raise StorageError(f"cannot open study storage {url!r}: {type(error).__name__}: "
-                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
+    attempt = 1
+    while True:
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5 but are what resume needs
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=GRACE_PERIOD_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # Workers started together on a fresh database race to create Optuna's tables; the
+            # losers get a duplicate-key error and find the schema made on the next try.
+            if attempt == SCHEMA_ATTEMPTS:
+                raise StorageError(_storage_message(url, error)) from None
+            attempt += 1
+            time.sleep(1.0)
+        except Exception as error:  # sqlalchemy raises many types for bad URLs and unreachable servers
+            raise StorageError(_storage_message(url, error)) from None
+
+
+def _storage_message(url: str, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"cannot open study storage {url!r}: {type(error).__name__}: {first_line}"
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process, recorded on every trial it evaluates."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A trial's running value after one fidelity step, and the step's own perplexity."""
+
+    step: FidelityStep
+    value: float
+    perplexity: float
 
 
 @dataclass
@@ -84,12 +133,47 @@ class Workload:
     heldout_windows: list[torch.Tensor]
     heldout_masks: list[torch.Tensor] | None
 
+    def _perplexity(self, factors: RopeFactors, windows: list[torch.Tensor], masks: list[torch.Tensor] | None,
+                    desc: str) -> PerplexityResult:
+        with patched(self.model, factors):
+            return perplexity(self.model, windows, score_masks=masks, desc=desc,
+                              progress=logger.isEnabledFor(logging.INFO))
+
     def fitness(self, factors: RopeFactors, heldout: bool = False, desc: str = "trial") -> tuple[float, list[float]]:
         windows, masks = (self.heldout_windows, self.heldout_masks) if heldout else (self.windows, self.score_masks)
-        with patched(self.model, factors):
-            result = perplexity(self.model, windows, score_masks=masks, desc=desc,
-                                progress=logger.isEnabledFor(logging.INFO))
+        result = self._perplexity(factors, windows, masks, desc)
         return result.perplexity, result.window_perplexities
+
+    def schedule(self, search: SearchSpec) -> list[FidelityStep]:
+        """A trial's fidelity steps (:func:`~hpo.pruning.fidelity_schedule`) for the preset's search settings.
+
+        Prefix rungs only when pruning (they would be wasted otherwise), and never with needle masks
+        (a prefix may hold no scored token).
+        """
+        prefixes = search.pruning_prefixes if search.pruning and self.score_masks is None else ()
+        return fidelity_schedule([window.numel() for window in self.windows], prefixes)
+
+    def measure(self, factors: RopeFactors, step: FidelityStep, desc: str = "trial") -> PerplexityResult:
+        """Perplexity of one fidelity step: searched window ``step.window`` cut to ``step.tokens`` tokens."""
+        masks = None if self.score_masks is None else [self.score_masks[step.window][: step.tokens]]
+        return self._perplexity(factors, [self.windows[step.window][: step.tokens]], masks, desc)
+
+    def evaluate(self, factors: RopeFactors, schedule: list[FidelityStep],
+                 desc: str = "trial") -> Iterator[Measurement]:
+        """Measure ``factors`` step by step; after the last step the value equals :meth:`fitness`.
+
+        A prefix step's value is its own perplexity; a full window's is the token-weighted
+        perplexity of the full windows so far, summed in the same order as :meth:`fitness`.
+        """
+        nll, tokens = 0.0, 0
+        for step in schedule:
+            result = self.measure(factors, step, desc)
+            if step.prefix:
+                yield Measurement(step, result.perplexity, result.perplexity)
+                continue
+            nll += result.nll_sum
+            tokens += result.tokens
+            yield Measurement(step, math.exp(nll / tokens), result.perplexity)
 
 
 def load_workload(preset: StudyPreset) -> Workload:
@@ -140,10 +224,16 @@ def sampler_for(preset: StudyPreset, space: LongRoPESearchSpace) -> LongRoPESamp
                            seed=search.seed)
 
 
+def pruner_for(preset: StudyPreset, sampler: LongRoPESampler) -> optuna.pruners.BasePruner:
+    search = preset.search
+    return ParentPruner(sampler, search.pruning_margin) if search.pruning else optuna.pruners.NopPruner()
+
+
 def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace) -> optuna.Study:
     """Create the study or load it to continue; the preset's space is recorded and must not change."""
-    study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize",
-                                sampler=sampler_for(preset, space), load_if_exists=True)
+    sampler = sampler_for(preset, space)
+    study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
+                                pruner=pruner_for(preset, sampler), load_if_exists=True)
     recorded = study.user_attrs.get("search_space")
     current = {"num_factors": space.num_factors, "original_length": space.original_length,
                "target_length": space.target_length, "critical_dim": space.critical_dim,
@@ -158,47 +248,230 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSp
     return study
 
 
-def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
-def make_objective(workload: Workload, space: LongRoPESearchSpace):
-    def objective(trial: optuna.Trial) -> float:
-        factors = space.suggest(trial)
-        started = time.perf_counter()
+@contextmanager
+def _advisory_lock(engine: sqlalchemy.Engine, key: int) -> Iterator[None]:
+    # AUTOCOMMIT: a session-level advisory lock needs no transaction, and an open one would idle on the server.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
         try:
-            value, per_window = workload.fitness(factors, desc=f"trial {trial.number}")
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _process_lock(lock: threading.Lock) -> Iterator[None]:
+    with lock:
+        yield
+
+
+class TrialClaims:
+    """Hands a study's trials out to workers so that together they run exactly ``n_trials``.
+
+    Any number of processes (local workers, Ray drivers) may run one study in one storage. Each
+    takes its next trial with :meth:`claim`, which, under a lock that every process of the study
+    shares:
+
+    1. fails the trials whose heartbeat went stale (a killed worker's) and re-queues their
+       parameters, as Optuna's own optimize loop does;
+    2. counts the claimed trials: running or finished (complete, pruned or failed);
+    3. asks the study for a trial only while that count is below ``n_trials``.
+
+    ``study.ask`` marks the trial RUNNING, and the sampler stores its generation and proposal,
+    before the lock is released, so the next claimant counts it and never gets the same proposal.
+    Counting without a lock cannot be exact: two workers that both see ``n_trials - 1`` claimed
+    trials both ask; asking first and checking the storage-assigned count after either overshoots
+    or, when each also sees the other's new trial, makes both back off.
+
+    Once the budget is claimed, each worker calls :meth:`wait`: it returns when no trial of the
+    study runs any more, so whichever worker ends last, the study then holds exactly ``n_trials``
+    finished trials. A worker killed mid-trial leaves a RUNNING trial whose heartbeat goes stale
+    after the grace period; the next claim or wait fails it (it counts, like every failed trial)
+    and re-queues its parameters. The first heartbeat is recorded before the lock is released, so
+    a RUNNING trial seen without one under the lock lost its worker between ``ask`` and that
+    heartbeat (a SIGKILL at that instant): it is given a heartbeat then, and goes stale the same way.
+
+    The lock is a PostgreSQL session advisory lock (the server drops it if the process dies), an
+    ``flock`` on ``<database>.claims.lock`` for an SQLite file, and a lock inside this process for
+    anything else (only one process per study there: a warning says so). :meth:`locked` takes the
+    same lock for other once-per-study steps, such as enqueueing the seeds.
+    """
+
+    def __init__(self, storage: RDBStorage, study_name: str) -> None:
+        self._storage = storage
+        url = storage.engine.url
+        backend = url.get_backend_name()
+        if backend == "postgresql":
+            key = int.from_bytes(hashlib.sha256(f"longrope-hpo:{study_name}".encode()).digest()[:8], "big",
+                                 signed=True)
+            self._lock = partial(_advisory_lock, storage.engine, key)
+        elif backend == "sqlite" and url.database not in (None, "", ":memory:"):
+            self._lock = partial(_file_lock, Path(f"{url.database}.claims.lock"))
+        else:
+            if backend != "sqlite":
+                logger.warning("no cross-process lock for %s storages: run one process per study", backend)
+            self._lock = partial(_process_lock, threading.Lock())
+
+    def locked(self) -> AbstractContextManager[None]:
+        """The study-wide lock, as a context manager."""
+        return self._lock()
+
+    def claim(self, study: optuna.Study, distributions: dict[str, BaseDistribution],
+              n_trials: int) -> optuna.Trial | None:
+        """The next trial of ``study``, asked with ``distributions``; ``None`` once ``n_trials`` are claimed."""
+        with self.locked(), warnings.catch_warnings():
+            # Optuna warns when heartbeats are used outside study.optimize; callers keep the heartbeat.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+            self._fail_dead_trials(study)
+            if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= n_trials:
+                return None
+            trial = study.ask(distributions)
+            if is_heartbeat_enabled(self._storage):
+                self._storage.record_heartbeat(trial._trial_id)
+            return trial
+
+    def wait(self, study: optuna.Study, poll_s: float = 1.0) -> None:
+        """Return once no trial of ``study`` is running: other workers' have ended, dead workers' are failed."""
+        while True:
+            with self.locked():
+                self._fail_dead_trials(study)
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                return
+            time.sleep(poll_s)
+
+    def _fail_dead_trials(self, study: optuna.Study) -> None:
+        """Under the lock: heartbeat the RUNNING trials that have none, then fail (and re-queue) the stale ones."""
+        if not is_heartbeat_enabled(self._storage):
+            return
+        running = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        if running:
+            beating = sqlalchemy.select(TrialHeartbeatModel.trial_id).where(TrialHeartbeatModel.trial_id.in_(running))
+            with self._storage.engine.connect() as connection:
+                orphans = set(running) - set(connection.execute(beating).scalars())
+            for trial_id in orphans:
+                self._storage.record_heartbeat(trial_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+def open_claims(study: optuna.Study, storage: RDBStorage, space: LongRoPESearchSpace,
+                geometry: RopeGeometry) -> TrialClaims:
+    """The study's :class:`TrialClaims`, with the baseline seeds enqueued once per study.
+
+    The seeds are enqueued under the claims lock: the first worker enqueues them, the others find
+    them recorded (unlocked, two workers starting together would both enqueue them).
+    """
+    claims = TrialClaims(storage, study.study_name)
+    with claims.locked():
+        enqueue_seeds(study, space, geometry)
+    return claims
+
+
+class TrialProgress:
+    """A progress bar over the study's finished trials, with the best value so far."""
+
+    def __init__(self, study: optuna.Study, n_trials: int, enabled: bool = True) -> None:
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        self._bar = tqdm(total=n_trials, initial=min(done, n_trials), desc="trials", unit="trial",
+                         disable=not enabled)
+
+    def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._bar.update(1)
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if completed:
+            self._bar.set_postfix(best=f"{min(t.value for t in completed):.3f}", last=trial.state.name.lower())
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def make_objective(workload: Workload, space: LongRoPESearchSpace,
+                   schedule: list[FidelityStep]) -> Callable[[optuna.Trial], float]:
+    """The trial objective: measure the trial's factors step by step, reporting each running value.
+
+    After every step but the last the study's pruner may stop the trial (``optuna.TrialPruned``);
+    pruning after the last step would save nothing. Errors are recorded in the ``error`` user attr.
+    """
+    def objective(trial: optuna.Trial) -> float:
+        factors = space.to_factors(trial.params)
+        started = time.perf_counter()
+        trial.set_user_attr("worker", worker_name())
+        per_window = []
+        try:
+            for position, measured in enumerate(workload.evaluate(factors, schedule, desc=f"trial {trial.number}")):
+                trial.report(measured.value, measured.step.step)
+                if not measured.step.prefix:
+                    per_window.append(measured.perplexity)
+                if position < len(schedule) - 1 and trial.should_prune():
+                    raise optuna.TrialPruned(f"{measured.value:.4f} at step {measured.step.step} is worse than "
+                                             f"every parent")
+        except optuna.TrialPruned:
+            raise
         except Exception as error:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}")
             raise
-        trial.set_user_attr("window_perplexities", per_window)
-        trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-        if not math.isfinite(value):
-            trial.set_user_attr("error", f"non-finite perplexity {value}")
-        return value
+        finally:
+            trial.set_user_attr("window_perplexities", per_window)
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+        if not math.isfinite(measured.value):
+            trial.set_user_attr("error", f"non-finite perplexity {measured.value}")
+        return measured.value
 
     return objective
 
 
-def run_search(study: optuna.Study, workload: Workload, space: LongRoPESearchSpace, n_trials: int,
-               progress: bool = True) -> None:
-    """Run trials until the study holds ``n_trials`` finished ones (failed trials count)."""
-    enqueue_seeds(study, space, workload.geometry)
-    remaining = n_trials - finished_trials(study)
-    if remaining <= 0:
-        logger.info("study %r already holds %d finished trials", study.study_name, n_trials)
-        return
-    bar = tqdm(total=n_trials, initial=n_trials - remaining, desc="trials", unit="trial", disable=not progress)
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
+    """Evaluate a claimed trial with a heartbeat running and tell the study how it ended.
 
-    def update(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
-        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if completed:
-            bar.set_postfix(best=f"{min(t.value for t in completed):.3f}", last=trial.state.name.lower())
+    Like ``study.optimize``'s own step: pruned and failed trials are recorded as such and the run
+    goes on; a non-finite value fails the trial; Ctrl-C fails the trial, then propagates.
+    """
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            return study.tell(trial, state=TrialState.PRUNED)
+        except Exception as error:
+            logger.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
+            return study.tell(trial, state=TrialState.FAIL)
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Optuna's own note on a non-finite value: logged below
+        told = study.tell(trial, value)
+    if told.state == TrialState.FAIL:
+        logger.warning("trial %d failed: %s", trial.number, told.user_attrs.get("error"))
+    return told
 
+
+def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, space: LongRoPESearchSpace,
+               preset: StudyPreset, progress: bool = True) -> None:
+    """Run trials until the study holds ``preset.search.n_trials`` finished ones (failed and pruned count).
+
+    Trials are claimed through :class:`TrialClaims`, so any number of processes may run this on one
+    storage at the same time: together they finish exactly that many trials, and each returns once
+    the study has them all (it waits for the others' last trials).
+    """
+    n_trials = preset.search.n_trials
+    claims = open_claims(study, storage, space, workload.geometry)
+    objective = make_objective(workload, space, workload.schedule(preset.search))
+    bar = TrialProgress(study, n_trials, progress)
     try:
-        study.optimize(make_objective(workload, space), n_trials=remaining, catch=(Exception,),
-                       callbacks=[update, optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)])
+        while (trial := claims.claim(study, space.distributions(), n_trials)) is not None:
+            bar.update(study, run_trial(study, trial, objective))
+        claims.wait(study)
     finally:
         bar.close()
 

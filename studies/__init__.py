@@ -9,6 +9,7 @@ Every key is checked: a typo is an error, not a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,11 @@ class SearchSpec:
     max_factor: float | None = None  # default: scale + 1
     critical_dim: int | str = 0  # LongRoPE2: "auto" or a dim index; 0 searches every dim
     seed: int = 0
+    # Multi-fidelity pruning (hpo/pruning.py): a trial is measured window by window and stopped once its
+    # running perplexity is worse than every parent's at the same step by more than the margin.
+    pruning: bool = False
+    pruning_margin: float = 0.01  # relative: prune when value > (1 + margin) * worst parent's value
+    pruning_prefixes: tuple[float, ...] = ()  # extra rungs: window 0 cut to these fractions of its length first
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,14 @@ def _checked(preset: StudyPreset) -> StudyPreset:
                         f"got {search.attention_scaling!r}")
     if not (search.critical_dim == "auto" or (isinstance(search.critical_dim, int) and search.critical_dim >= 0)):
         problems.append(f"search.critical_dim must be 'auto' or an integer >= 0, got {search.critical_dim!r}")
+    if not isinstance(search.pruning, bool):
+        problems.append(f"search.pruning must be true or false, got {search.pruning!r}")
+    if not isinstance(search.pruning_margin, int | float) or search.pruning_margin < 0:
+        problems.append(f"search.pruning_margin must be a number >= 0, got {search.pruning_margin!r}")
+    prefixes = search.pruning_prefixes
+    if (not all(isinstance(f, int | float) and 0 < f < 1 for f in prefixes)
+            or any(a >= b for a, b in itertools.pairwise(prefixes))):
+        problems.append(f"search.pruning_prefixes must be increasing fractions in (0, 1), got {prefixes!r}")
     for name in ("samples", "heldout_samples"):
         value = getattr(preset.data, name)
         if not isinstance(value, int) or value < 0 or (name == "samples" and value == 0):

@@ -26,6 +26,16 @@ def test_paper_presets_use_the_reference_search():
     assert longrope2.search.critical_dim == "auto" and longrope2.fitness.kind == "needle-perplexity"
 
 
+def test_pruning_is_on_where_several_searched_windows_pay_for_it():
+    for name in ("llama2_16k", "llama2_32k", "mistral_32k", "llama3_128k"):
+        search = load_preset(name).search
+        assert search.pruning and search.pruning_margin == 0.01 and search.pruning_prefixes == ()
+    for name in ("smollm2_16k", "smollm2_32k", "tiny"):
+        assert not load_preset(name).search.pruning
+    preset = load_preset("tiny").replace(search__pruning=True, search__pruning_prefixes=(0.25, 0.5))
+    assert preset.search.pruning and preset.search.pruning_prefixes == (0.25, 0.5)
+
+
 def test_overrides():
     preset = load_preset("smollm2_16k").replace(search__n_trials=5, data__samples=2, target_length=32768,
                                                 model__device=None)
@@ -53,6 +63,10 @@ def write(tmp_path, text: str):
         ("target_length = 'long'\n", "positive integer"),
         ("target_length = = 3\n", "not valid TOML"),
         ("target_length = 100\nsearch = 3\n", r"\[search\] must be a table"),
+        ("target_length = 100\n[search]\npruning = 'yes'\n", "pruning must be true or false"),
+        ("target_length = 100\n[search]\npruning_margin = -0.1\n", "pruning_margin must be a number >= 0"),
+        ("target_length = 100\n[search]\npruning_prefixes = [0.5, 0.25]\n", "increasing fractions"),
+        ("target_length = 100\n[search]\npruning_prefixes = [1.5]\n", "increasing fractions"),
     ],
 )
 def test_malformed_presets(tmp_path, text, message):

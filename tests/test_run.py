@@ -104,15 +104,15 @@ def test_stale_running_trial_is_failed_and_retried(tmp_path, monkeypatch):
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_fitness = study_module.Workload.fitness
+    real_measure = study_module.Workload.measure
 
-    def flaky(self, factors, heldout=False, desc="trial"):
+    def flaky(self, factors, step, desc="trial"):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 3:  # trial 1's second window
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_fitness(self, factors, heldout=heldout, desc=desc)
+        return real_measure(self, factors, step, desc=desc)
 
-    monkeypatch.setattr(study_module.Workload, "fitness", flaky)
+    monkeypatch.setattr(study_module.Workload, "measure", flaky)
     assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "6", "--quiet"]) == 0
     trials = load_study(tmp_path).trials
     failed = [t for t in trials if t.state.name == "FAIL"]
@@ -128,6 +128,8 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
          "cannot open study storage"),
         (["--study", "tiny", "--storage", "notadb://x"], "cannot open study storage"),
         (["--study", "tiny", "--target-length", "64"], "must be longer than the model's original window 128"),
+        (["--study", "tiny", "--cpus-per-trial", "2"], "need --backend ray"),
+        (["--study", "tiny", "--backend", "ray", "--max-concurrent", "0"], "--max-concurrent: must be > 0"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, args, message):

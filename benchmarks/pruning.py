@@ -1,0 +1,148 @@
+"""Benchmark: the LongRoPE search with and without multi-fidelity pruning, measured in one run.
+
+    python benchmarks/pruning.py --study smollm2_16k --samples 4 --n-trials 40     # full scale (about 10 h, 2-core CPU)
+    python benchmarks/pruning.py --study tiny --samples 6 --n-trials 40 --margin 0  # reduced: the mechanics only
+
+Runs the study twice on one loaded model with the same budget (finished trials), windows and
+seed: once measuring every trial on every window, once with :class:`hpo.pruning.ParentPruner`.
+For each run it counts the full-length window evaluations (one searched window measured at the
+target length) and the trial wall time spent until the first trial at or below the best
+perplexity both runs reached, and prints the ratios (without / with pruning). A pruner that only
+stops trials worse than every parent leaves the search itself unchanged unless a pruned trial
+would have become a parent, so the table also says how many trials proposed the same factors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.study import load_workload, open_storage, open_study, run_search, search_space_for
+from studies import StudyPreset, load_preset
+
+
+@dataclass
+class Arm:
+    """One run of the study and what it spent."""
+
+    pruning: bool
+    best: float
+    complete: int
+    pruned: int
+    full_evaluations: int  # searched windows measured at the full target length
+    prefix_evaluations: float  # prefix rungs, in windows (a half-window rung counts 0.5)
+    trial_seconds: float
+    wall_seconds: float
+    trials: list[FrozenTrial]
+
+
+def full_evaluations(trial: FrozenTrial, full_steps: set[int]) -> int:
+    return sum(step in full_steps for step in trial.intermediate_values)
+
+
+def trial_seconds(trial: FrozenTrial) -> float:
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def run_arm(preset: StudyPreset, workload, pruning: bool, out_dir: Path) -> Arm:
+    preset = preset.replace(search__pruning=pruning)
+    database = out_dir / f"{preset.name}-{'pruning' if pruning else 'full'}.db"
+    for stale in (database, Path(f"{database}.claims.lock")):  # every run starts a fresh study
+        stale.unlink(missing_ok=True)
+    storage = open_storage(f"sqlite:///{database}")
+    space = search_space_for(preset, workload.geometry)
+    study = open_study(preset, storage, space)
+    started = time.perf_counter()
+    run_search(study, storage, workload, space, preset)
+    wall = time.perf_counter() - started
+    schedule = workload.schedule(preset.search)
+    full_steps = {step.step for step in schedule if not step.prefix}
+    prefix_share = {step.step: step.tokens / workload.windows[0].numel() for step in schedule if step.prefix}
+    trials = study.trials
+    return Arm(
+        pruning=pruning,
+        best=study.best_value,
+        complete=sum(t.state == TrialState.COMPLETE for t in trials),
+        pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        full_evaluations=sum(full_evaluations(t, full_steps) for t in trials),
+        prefix_evaluations=sum(prefix_share.get(step, 0.0) for t in trials for step in t.intermediate_values),
+        trial_seconds=sum(trial_seconds(t) for t in trials),
+        wall_seconds=wall,
+        trials=trials,
+    )
+
+
+def cost_to_reach(arm: Arm, target: float, full_steps: set[int]) -> tuple[int, float, int]:
+    """Full evaluations and trial seconds spent until the first complete trial at or below ``target``; its number."""
+    evaluations, seconds = 0, 0.0
+    for trial in arm.trials:  # one worker: trial numbers are the order of evaluation
+        evaluations += full_evaluations(trial, full_steps)
+        seconds += trial_seconds(trial)
+        if trial.state == TrialState.COMPLETE and trial.value <= target:
+            return evaluations, seconds, trial.number
+    raise AssertionError("the target is one of the two runs' best values, reached by both")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="smollm2_16k", help="preset name or .toml path")
+    parser.add_argument("--samples", type=int, default=4, help="searched windows (pruning needs several)")
+    parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
+    parser.add_argument("--seed", type=int, help="search seed (default: the preset's)")
+    parser.add_argument("--margin", type=float, help="pruning margin (default: the preset's)")
+    parser.add_argument("--prefixes", help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_pruning"), help="where the two studies go")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    prefixes = tuple(float(f) for f in args.prefixes.split(",")) if args.prefixes else None
+    preset = load_preset(args.study).replace(
+        data__samples=args.samples, data__heldout_samples=0, search__n_trials=args.n_trials, search__seed=args.seed,
+        search__pruning_margin=args.margin, search__pruning_prefixes=prefixes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workload = load_workload(preset)
+    full, pruned = (run_arm(preset, workload, pruning, args.out) for pruning in (False, True))
+    full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
+    target = max(full.best, pruned.best)  # the best perplexity both runs reached
+    (full_evals, full_s, full_at), (pruned_evals, pruned_s, pruned_at) = (
+        cost_to_reach(arm, target, full_steps) for arm in (full, pruned))
+    same = sum(a.params == b.params for a, b in zip(full.trials, pruned.trials, strict=True))
+
+    search = preset.search
+    print(f"\n## Pruning: {preset.name}, {args.samples} windows of {preset.target_length:,} tokens, "
+          f"{search.n_trials} trials, seed {search.seed}, margin {search.pruning_margin}, "
+          f"prefix rungs {list(search.pruning_prefixes)}\n")
+    rows = [
+        ("best perplexity", f"{full.best:.4f}", f"{pruned.best:.4f}", ""),
+        ("trials complete / pruned", f"{full.complete} / {full.pruned}", f"{pruned.complete} / {pruned.pruned}", ""),
+        (f"full-length evaluations to reach {target:.4f}", f"{full_evals} (trial {full_at})",
+         f"{pruned_evals} (trial {pruned_at})", f"{full_evals / pruned_evals:.2f}x"),
+        (f"trial seconds to reach {target:.4f}", f"{full_s:.1f}", f"{pruned_s:.1f}", f"{full_s / pruned_s:.2f}x"),
+        ("full-length evaluations, whole run", str(full.full_evaluations), str(pruned.full_evaluations),
+         f"{full.full_evaluations / pruned.full_evaluations:.2f}x"),
+        ("prefix-rung evaluations (in windows)", f"{full.prefix_evaluations:.1f}",
+         f"{pruned.prefix_evaluations:.1f}", ""),
+        ("wall seconds, whole run", f"{full.wall_seconds:.1f}", f"{pruned.wall_seconds:.1f}",
+         f"{full.wall_seconds / pruned.wall_seconds:.2f}x"),
+        ("trials with the same factors", f"{same} of {len(full.trials)}", "", ""),
+    ]
+    print("| | without pruning | with pruning | ratio |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if args.json:
+        figures = {arm_name: {k: v for k, v in asdict(arm).items() if k != "trials"}
+                   for arm_name, arm in (("full", full), ("pruning", pruned))}
+        figures.update(target=target, to_target={"full": [full_evals, full_s], "pruning": [pruned_evals, pruned_s]},
+                       same_factors=same, preset=preset.name, samples=args.samples)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

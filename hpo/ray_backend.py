@@ -1,0 +1,301 @@
+"""Run a study's trials on Ray Tune: ``python -m hpo.run --study NAME --backend ray``.
+
+Only the middle step of :mod:`hpo.study`'s flow changes: the study, its storage, sampler, seeds,
+pruner, claims and reports are the local backend's, and Ray Tune decides where each trial runs.
+
+- :class:`StudySearcher` is Ray's ``OptunaSearch`` on the study's own storage, name and
+  :class:`~hpo.sampler.LongRoPESampler`. It claims every trial through
+  :class:`~hpo.study.TrialClaims` (so the budget stays exact with other processes on the same
+  study), keeps its heartbeat in the driver and records the result as the local objective does.
+- :class:`StudyScheduler` reports each fidelity step to the study and stops the Tune trial when
+  the study's :class:`~hpo.pruning.ParentPruner` prunes it: the local backend's decisions, in
+  place of ASHA, whose rungs compare the trials of one Tune run only and forget them on resume.
+- :class:`StudyTrainable` is one study trial per Tune trial and one fidelity step per Tune
+  iteration. Tune reuses its actors (``reuse_actors=True``) and the workload lives in a cache of
+  the worker process (:func:`worker_workload`), so each worker loads the model once and keeps it
+  for every trial it runs.
+
+Only the driver touches the storage, so workers on other machines need the package and the
+model/data, not the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread
+from optuna.trial import FrozenTrial, TrialState
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from hpo.search_space import LongRoPESearchSpace
+from hpo.study import (
+    BackendError,
+    TrialClaims,
+    TrialProgress,
+    Workload,
+    load_workload,
+    open_claims,
+    search_space_for,
+    worker_name,
+)
+from studies import StudyPreset
+
+METRIC = "perplexity"
+# Result keys copied onto the study trial's user attrs (the local objective records the same ones).
+RESULT_ATTRS = ("worker", "model_loads", "seconds", "window_perplexities", "error")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where trials run and how much of the cluster each one takes.
+
+    ``address`` joins a running cluster (``host:port``, ``ray://host:port`` or ``auto``); ``None``
+    starts a local Ray instance. ``max_concurrent`` ``None`` runs as many trials at once as the
+    cluster's CPUs and GPUs hold.
+    """
+
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+
+
+def _check_reachable(address: str) -> None:
+    # ray.init retries an unreachable head for minutes; a plain TCP connect says so in seconds.
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        raise BackendError(f"cannot reach a Ray cluster at {address!r} ({error}); "
+                           "--ray-address takes the head node's host:port") from None
+
+
+def connect(options: RayOptions) -> None:
+    """Join the cluster at ``options.address`` or start a local Ray; keep one already initialised.
+
+    A test or a notebook may call ``ray.init(num_cpus=2)`` first; that instance is used as is.
+    Raises :class:`~hpo.study.BackendError` when the cluster cannot be reached or started, or has
+    too few CPUs or GPUs for one trial.
+    """
+    if not ray.is_initialized():
+        if options.address not in (None, "auto", "local"):
+            _check_reachable(options.address)
+        try:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise BackendError(f"cannot start or join Ray ({options.address or 'local'}): {error}") from None
+    concurrency(options)
+
+
+def concurrency(options: RayOptions) -> int:
+    """How many trials run at once: ``max_concurrent``, or as many as the cluster's resources hold.
+
+    Raises :class:`~hpo.study.BackendError` when not even one trial fits: Tune would wait forever.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    slots = cpus // options.cpus_per_trial
+    if options.gpus_per_trial > 0:
+        slots = min(slots, gpus // options.gpus_per_trial)
+    if slots < 1:
+        raise BackendError(f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs: not enough for one trial "
+                           f"with {options.cpus_per_trial:g} CPUs and {options.gpus_per_trial:g} GPUs")
+    return int(slots) if options.max_concurrent is None else options.max_concurrent
+
+
+@functools.lru_cache(maxsize=1)
+def worker_workload(preset: StudyPreset) -> Workload:
+    """This process's workload for ``preset``: loaded on first use, then kept for every later trial."""
+    return load_workload(preset)
+
+
+def model_loads() -> int:
+    """How many times this process has loaded a model (1 in a worker that Tune reuses)."""
+    return worker_workload.cache_info().misses
+
+
+class StudyTrainable(tune.Trainable):
+    """One Tune trial is one study trial; each Tune iteration measures one fidelity step.
+
+    The config is the study trial's parameters (from :class:`StudySearcher`). :meth:`setup` runs
+    once per actor and :meth:`reset_config` for every further trial Tune hands the same actor, so
+    the model is loaded once per worker process and a trial only changes the RoPE patch.
+
+    Each result has the running ``perplexity`` at Optuna step ``fidelity_step``, ``complete`` (and
+    ``done``) on the last step, the worker's name and model load count, the seconds and per-window
+    perplexities so far, and ``error`` (with ``done``) when measuring raised.
+    """
+
+    def setup(self, config: dict[str, Any], preset: StudyPreset) -> None:
+        self._workload = worker_workload(preset)
+        self._space = search_space_for(preset, self._workload.geometry)
+        self._schedule = self._workload.schedule(preset.search)
+        self.reset_config(config)
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self._measurements = self._workload.evaluate(self._space.to_factors(new_config), self._schedule)
+        self._window_perplexities: list[float] = []
+        self._started = time.perf_counter()
+        return True
+
+    def step(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"worker": worker_name(), "model_loads": model_loads()}
+        try:
+            measured = next(self._measurements)
+        except Exception as error:  # recorded on the study trial, as the local objective does
+            return {**result, METRIC: math.nan, "error": f"{type(error).__name__}: {error}", "done": True}
+        if not measured.step.prefix:
+            self._window_perplexities.append(measured.perplexity)
+        complete = measured.step == self._schedule[-1]
+        return {**result, METRIC: measured.value, "fidelity_step": measured.step.step, "complete": complete,
+                "done": complete, "seconds": round(time.perf_counter() - self._started, 2),
+                "window_perplexities": list(self._window_perplexities)}
+
+
+class StudySearcher(OptunaSearch):
+    """Ray Tune's ``OptunaSearch`` on the study's storage and sampler, claiming trials like a local worker.
+
+    - :meth:`suggest` claims the next trial with :class:`~hpo.study.TrialClaims` (``FINISHED``
+      once the study holds its ``n_trials``), starts its heartbeat in this driver process and hands
+      its parameters to Tune.
+    - :meth:`report` (called by :class:`StudyScheduler` for every result but the last) records the
+      running value at its step and asks the study's pruner.
+    - :meth:`on_trial_complete` tells the study: COMPLETE after the last step, PRUNED when the
+      pruner stopped it (Optuna keeps the last running value), FAIL when measuring raised, the
+      worker died or the run was interrupted; with the local backend's user attrs.
+
+    The study is the only checkpoint: :meth:`save_to_dir` writes nothing, and a run is resumed by
+    running the same command again.
+
+    Args:
+        study: the study (its sampler and pruner are used; OptunaSearch opens it again by name).
+        storage: the study's storage.
+        claims: the study's claims (from :func:`~hpo.study.open_claims`).
+        space: the search space; its distributions are what every trial is asked for.
+        n_trials: finished trials the study should hold.
+        on_told: called with the study and each trial once it is told (progress).
+    """
+
+    def __init__(self, study: optuna.Study, storage: RDBStorage, claims: TrialClaims, space: LongRoPESearchSpace,
+                 n_trials: int, on_told: Callable[[optuna.Study, FrozenTrial], None]) -> None:
+        super().__init__(space=space.distributions(), metric=METRIC, mode="min", sampler=study.sampler,
+                         storage=storage, study_name=study.study_name)
+        self._ot_study.pruner = study.pruner  # OptunaSearch opens the study with a NopPruner
+        self._claims = claims
+        self._n_trials = n_trials
+        self._on_told = on_told
+        self._heartbeats: dict[str, BaseHeartbeatThread] = {}
+        self._pruned: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        trial = self._claims.claim(self._ot_study, self._space, self._n_trials)
+        if trial is None:
+            return Searcher.FINISHED
+        self._ot_trials[trial_id] = trial
+        self._heartbeats[trial_id] = get_heartbeat_thread(trial._trial_id, self._ot_study._storage)
+        self._heartbeats[trial_id].start()
+        return dict(trial.params)
+
+    def report(self, trial_id: str, result: dict[str, Any]) -> bool:
+        """Record ``result``'s running value on the study trial; whether the study's pruner prunes it."""
+        trial = self._ot_trials[trial_id]
+        trial.report(result[METRIC], result["fidelity_step"])
+        if trial.should_prune():
+            self._pruned.add(trial_id)
+        return trial_id in self._pruned
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Nothing: :class:`StudyScheduler` reports every result before Tune calls this."""
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        trial = self._ot_trials.pop(trial_id)
+        self._heartbeats.pop(trial_id).join()
+        result = result or {}
+        for key in RESULT_ATTRS:
+            if key in result:
+                trial.set_user_attr(key, result[key])
+        if trial_id in self._pruned:
+            told = self._ot_study.tell(trial, state=TrialState.PRUNED)
+        elif result.get("complete") and not error:
+            value = result[METRIC]
+            trial.report(value, result["fidelity_step"])  # the last step never reaches the scheduler
+            if not math.isfinite(value):
+                trial.set_user_attr("error", f"non-finite perplexity {value}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a non-finite value fails the trial: recorded above
+                told = self._ot_study.tell(trial, value)
+        else:
+            if "error" not in result:
+                trial.set_user_attr("error", "the Ray worker died" if error else "interrupted")
+            told = self._ot_study.tell(trial, state=TrialState.FAIL)
+        self._on_told(self._ot_study, told)
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Nothing to save: the study storage is the checkpoint."""
+
+    def close(self) -> None:
+        """Stop the heartbeats of trials Tune never completed (a run that broke off): they go stale and are retried."""
+        for heartbeat in self._heartbeats.values():
+            heartbeat.join()
+        self._heartbeats.clear()
+
+
+class StudyScheduler(FIFOScheduler):
+    """First-in-first-out scheduling that stops a Tune trial when the study's pruner prunes it."""
+
+    def __init__(self, searcher: StudySearcher) -> None:
+        super().__init__()
+        self._searcher = searcher
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        return TrialScheduler.STOP if self._searcher.report(trial.trial_id, result) else TrialScheduler.CONTINUE
+
+
+def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload, space: LongRoPESearchSpace,
+                   preset: StudyPreset, options: RayOptions, out_dir: Path, progress: bool = True) -> None:
+    """:func:`hpo.study.run_search` with Ray Tune placing the trials; call :func:`connect` first.
+
+    Runs trials until the study holds ``preset.search.n_trials`` finished ones (failed and pruned
+    count) and none runs. ``workload`` is the driver's (for the seeds' geometry); the workers load
+    their own.
+    Tune's own files go to ``out_dir/ray_results``.
+    """
+    n_trials = preset.search.n_trials
+    claims = open_claims(study, storage, space, workload.geometry)
+    bar = TrialProgress(study, n_trials, progress)
+    searcher = StudySearcher(study, storage, claims, space, n_trials, bar.update)
+    # Tune passes this on to its trainables: they stay in the driver's directory, so relative
+    # model and data paths in a preset work as they do locally.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    trainable = tune.with_resources(tune.with_parameters(StudyTrainable, preset=preset),
+                                    {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=StudyScheduler(searcher), num_samples=-1,
+                                    max_concurrent_trials=concurrency(options), reuse_actors=True),
+        run_config=tune.RunConfig(name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str((out_dir / "ray_results").resolve()), verbose=0,
+                                  # Tune checkpoints class trainables at the end by default; the study is the record.
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
+    )
+    try:
+        tuner.fit()
+        claims.wait(study)  # other processes' trials on the same study
+    finally:
+        searcher.close()
+        bar.close()

@@ -1,0 +1,135 @@
+"""Multi-fidelity pruning: fidelity steps, stepwise values, and pruned trials in a real tiny study."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from hpo.pruning import FidelityStep, fidelity_schedule
+from hpo.sampler import PARENTS_KEY, LongRoPESampler
+from hpo.study import load_workload
+from models.baselines import yarn
+from studies import load_preset
+
+GENERATION_KEY = LongRoPESampler._get_generation_key()
+PARENT_CACHE = LongRoPESampler._get_parent_cache_key_prefix()
+
+# The tiny preset with 3 searched windows, a half-window rung first, and pruning on. The random model's
+# perplexities differ by about 1e-5 relative between factor sets, hence no margin.
+PRESET = """target_length = 256
+[model]
+name = "tiny-random-llama"
+dtype = "float32"
+[data]
+samples = 3
+heldout_samples = 1
+[search]
+n_trials = 20
+population = 6
+parents = 3
+mutants = 2
+crossovers = 2
+start_tokens = [0, 2, 4]
+attention_scaling = [1.0, 1.3]
+pruning = true
+pruning_margin = 0.0
+pruning_prefixes = [0.5]
+"""
+FULL_STEPS = [256, 512, 768]
+ALL_STEPS = [128, *FULL_STEPS]
+
+
+def run_study(tmp_path, *extra: str) -> optuna.Study:
+    preset = tmp_path / "tiny_pruning.toml"
+    preset.write_text(PRESET)
+    result = subprocess.run([sys.executable, "-m", "hpo.run", "--study", str(preset), "--out", str(tmp_path),
+                             "--quiet", *extra], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return optuna.load_study(study_name="tiny_pruning", storage=f"sqlite:///{tmp_path / 'study.db'}")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> optuna.Study:
+    return run_study(tmp_path_factory.mktemp("pruning"))
+
+
+def test_fidelity_schedule_counts_the_tokens_read():
+    assert fidelity_schedule([256, 256, 256], (0.25, 0.5)) == [
+        FidelityStep(0, 64, 64, True), FidelityStep(0, 128, 128, True),
+        FidelityStep(0, 256, 256, False), FidelityStep(1, 256, 512, False), FidelityStep(2, 256, 768, False),
+    ]
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        fidelity_schedule([256], (1.0,))
+
+
+def test_stepwise_values_end_at_the_full_fitness():
+    preset = load_preset("tiny").replace(data__samples=3, search__pruning=True, search__pruning_prefixes=(0.5,))
+    workload = load_workload(preset)
+    factors = yarn(workload.geometry, preset.target_length)
+    schedule = workload.schedule(preset.search)
+    assert [step.step for step in schedule] == ALL_STEPS
+    assert [step.step for step in workload.schedule(preset.replace(search__pruning=False).search)] == FULL_STEPS
+    measured = list(workload.evaluate(factors, schedule))
+    value, per_window = workload.fitness(factors)
+    assert measured[-1].value == value  # the same sums in the same order: bit for bit
+    assert [m.perplexity for m in measured[1:]] == per_window
+    prefix = workload.measure(factors, schedule[0])
+    assert measured[0].value == prefix.perplexity and prefix.tokens == 127
+
+
+def test_pruned_trials_keep_their_partial_values(study):
+    trials = study.trials
+    assert len(trials) == 20 and all(t.state.is_finished() for t in trials)
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "nothing was pruned"
+    for trial in pruned:
+        steps = sorted(trial.intermediate_values)
+        assert steps == ALL_STEPS[: len(steps)] and len(steps) < len(ALL_STEPS)
+        assert trial.value == trial.intermediate_values[steps[-1]]
+        assert len(trial.user_attrs["window_perplexities"]) == len(steps) - 1  # the prefix rung is no window
+    for trial in trials:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert sorted(trial.intermediate_values) == ALL_STEPS
+            assert trial.value == trial.intermediate_values[FULL_STEPS[-1]]
+
+
+def test_pruned_trials_are_never_parents(study):
+    trials = study.trials
+    pruned = {t.number for t in trials if t.state == optuna.trial.TrialState.PRUNED}
+    bred_from = {n for t in trials for n in t.system_attrs.get(PARENTS_KEY, [])}
+    assert bred_from and not bred_from & pruned
+    id_to_number = {t._trial_id: t.number for t in trials}
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    cached = {id_to_number[i] for key, ids in attrs.items() if key.startswith(PARENT_CACHE) for i in ids}
+    assert cached and not cached & pruned
+
+
+def test_pruning_follows_the_worst_parent_and_pruned_trials_fill_generations(study):
+    trials = study.trials
+    by_id = {t._trial_id: t for t in trials}
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    for trial in trials:
+        generation = trial.system_attrs[GENERATION_KEY]
+        if generation == 0:
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+            continue
+        parents = [by_id[i] for i in attrs[f"{PARENT_CACHE}{generation}"]]
+        steps = sorted(trial.intermediate_values)
+        for step in steps:
+            worst_parent = max(p.intermediate_values[step] for p in parents)
+            stopped_here = trial.state == optuna.trial.TrialState.PRUNED and step == steps[-1]
+            assert (trial.intermediate_values[step] > worst_parent) == stopped_here or step == FULL_STEPS[-1]
+    sizes: dict[int, int] = {}
+    for trial in trials:
+        sizes[trial.system_attrs[GENERATION_KEY]] = sizes.get(trial.system_attrs[GENERATION_KEY], 0) + 1
+    *full, _last = sorted(sizes)
+    assert [sizes[g] for g in full] == [6] + [4] * (len(full) - 1)  # pruned trials count, as complete ones do
+
+
+def test_no_pruning_measures_every_window(tmp_path):
+    study = run_study(tmp_path, "--no-pruning", "--n-trials", "10")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 10
+    assert all(sorted(t.intermediate_values) == FULL_STEPS for t in study.trials)  # no prefix rung either

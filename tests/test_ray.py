@@ -1,0 +1,90 @@
+"""`python -m hpo.run --backend ray`: the tiny preset on a 2-CPU Ray instance, pruning through Tune, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import ray
+from optuna.trial import TrialState
+
+from hpo.run import main
+from hpo.sampler import PARENTS_KEY, LongRoPESampler
+
+GENERATION_KEY = LongRoPESampler._get_generation_key()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_cpu_ray():
+    """What CI has: a local Ray with 2 CPUs, started here so that hpo.run joins it."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def load_study(out_dir, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out_dir / 'study.db'}")
+
+
+def test_tiny_preset_on_ray_keeps_one_model_per_worker(tmp_path):
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--backend", "ray", "--quiet"]) == 0
+    trials = load_study(tmp_path, "tiny").trials
+    assert len(trials) == 16 and all(t.state == TrialState.COMPLETE for t in trials)  # the preset's budget
+    assert sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs) == ["ntk", "pi", "yarn"]
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) <= 2  # two trials at a time on 2 CPUs, in actors that Tune reuses
+    assert {t.user_attrs["model_loads"] for t in trials} == {1}  # each worker loaded the model once
+    assert all(len(t.user_attrs["window_perplexities"]) == 2 for t in trials)
+    assert all(sorted(t.intermediate_values) == [256, 512] for t in trials)
+    generations = [t.system_attrs[GENERATION_KEY] for t in trials]
+    assert generations == sorted(generations) and max(generations) >= 2
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["trials"]["complete"] == 16 and summary["comparison"][-1]["method"].startswith("longrope")
+
+    # The same study continues on the local backend: resume works on what Ray left.
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "18", "--quiet"]) == 0
+    assert len(load_study(tmp_path, "tiny").trials) == 18
+
+
+def test_ray_prunes_with_the_study_pruner(tmp_path):
+    preset = tmp_path / "tiny_ray_pruning.toml"
+    preset.write_text(
+        'target_length = 256\n[model]\nname = "tiny-random-llama"\ndtype = "float32"\n'
+        "[data]\nsamples = 3\nheldout_samples = 1\n"
+        "[search]\nn_trials = 16\npopulation = 6\nparents = 3\nmutants = 2\ncrossovers = 2\n"
+        "start_tokens = [0, 2, 4]\nattention_scaling = [1.0, 1.3]\npruning = true\npruning_margin = 0.0\n"
+    )
+    assert main(["--study", str(preset), "--out", str(tmp_path), "--backend", "ray", "--quiet"]) == 0
+    trials = load_study(tmp_path, "tiny_ray_pruning").trials
+    assert len(trials) == 16 and all(t.state.is_finished() for t in trials)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "nothing was pruned"
+    for trial in pruned:  # stopped by Tune after a window, recorded with what it measured
+        steps = sorted(trial.intermediate_values)
+        assert steps in ([256], [256, 512]) and trial.value == trial.intermediate_values[steps[-1]]
+    parents = {n for t in trials for n in t.system_attrs.get(PARENTS_KEY, [])}
+    assert parents and not parents & {t.number for t in pruned}
+    assert {t.user_attrs["model_loads"] for t in trials} == {1}
+
+
+def test_unreachable_ray_address_is_a_clear_error(tmp_path):
+    # In a subprocess: this module's Ray instance would be joined instead.
+    result = subprocess.run([sys.executable, "-m", "hpo.run", "--study", "tiny", "--out", str(tmp_path), "--quiet",
+                             "--backend", "ray", "--ray-address", "127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "cannot reach a Ray cluster at '127.0.0.1:1'" in result.stderr
+
+
+def test_too_few_resources_for_one_trial(tmp_path, capsys):
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--backend", "ray", "--gpus-per-trial", "1"]) == 2
+    assert "the Ray cluster has 2 CPUs and 0 GPUs: not enough for one trial" in capsys.readouterr().err
+
+
+def test_missing_ray_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "hpo.ray_backend", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds when Ray is not installed
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--backend", "ray", "--quiet"]) == 2
+    assert "--backend ray needs Ray Tune: pip install 'ray[tune]'" in capsys.readouterr().err
