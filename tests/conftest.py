@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,3 +92,11 @@ def postgres_url() -> Iterator[str]:
     finally:
         run(binaries / "pg_ctl", "-D", data_dir / "db", "-m", "immediate", "stop")
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def run_tiny_study(out: Path) -> Path:
+    """Run the tiny preset for real into ``out`` (a random 2-layer llama, 128 -> 256 tokens, about 20 s)."""
+    done = subprocess.run([sys.executable, "-m", "hpo.run", "--study", "tiny", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out

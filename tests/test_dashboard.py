@@ -17,17 +17,14 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from dashboards.figures import report_figures
 from dashboards.serve import publish
 from hpo.evaluate import best_factors
+from tests.conftest import run_tiny_study
 
 FIGURE_IDS = {"factor-curves", "convergence", "start-tokens"}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    done = subprocess.run([sys.executable, "-m", "hpo.run", "--study", "tiny", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return out
+    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
 
 
 def get(url: str) -> tuple[int, str, bytes]:

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from hpo.evaluate import RESULT_COLUMNS, ResultsError, read_results
+from tests.conftest import run_tiny_study
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
@@ -23,12 +24,7 @@ def evaluate(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """The tiny preset (random 2-layer llama, 128 -> 256 tokens, 2 searched essay windows) searched for real."""
-    out = tmp_path_factory.mktemp("tiny")
-    done = subprocess.run([sys.executable, "-m", "hpo.run", "--study", "tiny", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return out
+    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
