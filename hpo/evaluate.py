@@ -23,6 +23,7 @@ which :func:`read_results` and the reports in :mod:`dashboards` read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -114,15 +115,7 @@ def recorded_search_space(study: optuna.Study) -> LongRoPESearchSpace:
     record = study.user_attrs.get("search_space")
     if record is None:
         raise StudyError(f"study {study.study_name!r} has no recorded search space: not made by python -m hpo.run?")
-    return LongRoPESearchSpace(
-        num_factors=record["num_factors"],
-        original_length=record["original_length"],
-        target_length=record["target_length"],
-        max_factor=record["max_factor"],
-        start_token_candidates=tuple(record["start_tokens"]),
-        attention_scaling_range=tuple(record["attention_scaling"]) if record["attention_scaling"] else None,
-        critical_dim=record["critical_dim"],
-    )
+    return LongRoPESearchSpace.from_record(record)
 
 
 def best_factors(study: optuna.Study) -> RopeFactors:
@@ -130,10 +123,9 @@ def best_factors(study: optuna.Study) -> RopeFactors:
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise StudyError(f"study {study.study_name!r} has no complete trial yet")
     best = study.best_trial
-    found = recorded_search_space(study).to_factors(best.params)
-    return RopeFactors(found.rescale_factors, found.original_length, found.target_length, found.start_tokens,
-                       found.attention_scaling, method="longrope",
-                       metadata={"study": study.study_name, "trial": best.number, "searched_perplexity": best.value})
+    found = recorded_search_space(study).to_factors(best.params)  # method is "longrope"
+    return dataclasses.replace(
+        found, metadata={"study": study.study_name, "trial": best.number, "searched_perplexity": best.value})
 
 
 def study_model(study: optuna.Study) -> str | None:

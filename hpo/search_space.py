@@ -200,6 +200,22 @@ class LongRoPESearchSpace:
             params[ATTENTION_SCALING_PARAM] = min(max(factors.attention_scaling, low), high)
         return params
 
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able description of the space, as stored in a study's user attrs."""
+        return {"num_factors": self.num_factors, "original_length": self.original_length,
+                "target_length": self.target_length, "critical_dim": self.critical_dim,
+                "max_factor": self.upper, "start_tokens": list(self.start_token_candidates),
+                "attention_scaling": list(self.attention_scaling_range or []) or None}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> LongRoPESearchSpace:
+        """The space that :meth:`to_record` described."""
+        scaling = record["attention_scaling"]
+        return cls(num_factors=record["num_factors"], original_length=record["original_length"],
+                   target_length=record["target_length"], max_factor=record["max_factor"],
+                   start_token_candidates=tuple(record["start_tokens"]),
+                   attention_scaling_range=tuple(scaling) if scaling else None, critical_dim=record["critical_dim"])
+
     @staticmethod
     def is_monotone(vector: Sequence[float]) -> bool:
         """Whether ``vector`` is non-decreasing, as LongRoPE requires of its factors."""

@@ -16,6 +16,7 @@ pruned (:mod:`hpo.pruning`).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -235,10 +236,7 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSp
     study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
                                 pruner=pruner_for(preset, sampler), load_if_exists=True)
     recorded = study.user_attrs.get("search_space")
-    current = {"num_factors": space.num_factors, "original_length": space.original_length,
-               "target_length": space.target_length, "critical_dim": space.critical_dim,
-               "max_factor": space.upper, "start_tokens": list(space.start_token_candidates),
-               "attention_scaling": list(space.attention_scaling_range or []) or None}
+    current = space.to_record()
     if recorded is None:
         study.set_user_attr("search_space", current)
         study.set_user_attr("preset", preset.name)
@@ -529,10 +527,8 @@ def write_outputs(out_dir: Path, study: optuna.Study, workload: Workload, space:
     """``best_factors.json``, ``rope_parameters.json`` and ``results.json`` in ``out_dir``."""
     best = study.best_trial
     heldout = next((row.get("heldout") for row in rows if row["method"].startswith("longrope")), None)
-    factors = space.to_factors(best.params)
-    factors = RopeFactors(
-        factors.rescale_factors, factors.original_length, factors.target_length, factors.start_tokens,
-        factors.attention_scaling, method="longrope",
+    factors = dataclasses.replace(
+        space.to_factors(best.params),
         metadata={"study": study.study_name, "model": preset.model.name, "trial": best.number,
                   "searched_perplexity": best.value, "heldout_perplexity": heldout, "data": preset.data.source},
     )
