@@ -6,10 +6,10 @@ reports its running perplexity (the prefix's own perplexity, or the token-weight
 the full windows so far) at an Optuna step equal to the searched tokens read so far, so the same
 step means the same text for every trial of the study, whatever schedule each one ran.
 
-:class:`ParentPruner` compares that running value with the parents of the trial's generation at the
-same step. The parents are the best complete trials so far, so a trial worse than the worst of them
-would not become a parent of any later generation either (the parent set only improves): stopping
-it early loses nothing the evolutionary search would have used. The local backend asks the pruner
+:class:`ParentPruner` compares that running value with the complete trials at the same step: the
+parents of every generation are the best complete trials so far, so a trial behind the
+``num_parents``-th best of them would not become a parent of any later generation (that bar only
+rises): stopping it early loses nothing the evolutionary search would have used. The local backend asks the pruner
 after each step; the Ray backend asks it from a Tune scheduler (:mod:`hpo.ray_backend`), so both
 take the same decisions.
 """
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import optuna
 from optuna.pruners import BasePruner
-from optuna.samplers import BaseGASampler
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 
 @dataclass(frozen=True)
@@ -59,49 +58,60 @@ def fidelity_schedule(window_lengths: Sequence[int], prefixes: Sequence[float] =
 
 
 class ParentPruner(BasePruner):
-    """Prune a trial whose running value is worse than every parent's at the same step, by a margin.
+    """Prune a trial whose running value could not make it into the parent set, by a margin.
 
-    Contract (single-objective studies run by a :class:`~optuna.samplers.BaseGASampler`):
+    Contract (single-objective studies run by a :class:`~optuna.samplers.BaseGASampler` whose
+    parents are the best ``num_parents`` complete trials, as :class:`hpo.sampler.LongRoPESampler`):
 
-    - The parents are ``sampler.get_parent_population(study, g)`` for the trial's generation ``g``
-      (the trial system attr the sampler set when the trial was asked). Generation 0 has no parents
-      and is never pruned.
-    - At the trial's last reported step ``s``, the reference is the worst value among the parents
-      that reported step ``s`` (parents evaluated under another schedule may lack it); with none,
-      the trial goes on.
+    - At the trial's last reported step ``s``, the reference is the ``num_parents``-th best value at
+      ``s`` among the complete trials of the study that reported ``s`` (any generation: trials
+      evaluated under another schedule may lack the step). With fewer than ``num_parents`` such
+      trials the trial goes on, so the first parents of a study are always measured in full.
     - The trial is pruned when its value at ``s`` is worse than the reference by more than
       ``margin``, relative: above ``(1 + margin) * reference`` when minimizing, below
       ``(1 - margin) * reference`` when maximizing (values are perplexities, so positive).
+
+    Complete trials only accumulate, so the ``num_parents``-th best only improves: a trial behind
+    it now (judged by its running value) would not be a parent of this or any later generation.
+    Generation 0 is pruned too, once ``num_parents`` trials are complete.
 
     The pruner reads everything from the storage, so any process sharing the study takes the same
     decision. Pruned trials keep their reported values (Optuna records the last one as the trial's
     value) and are never parents: the sampler only breeds from complete trials.
 
     Args:
-        sampler: the study's sampler, whose generations and parent populations are used.
-        margin: how much worse than the worst parent a running value must be, as a fraction (>= 0).
+        num_parents: how many best complete trials breed each generation (the sampler's).
+        margin: how much worse than the reference a running value must be, as a fraction (>= 0).
     """
 
-    def __init__(self, sampler: BaseGASampler, margin: float = 0.01) -> None:
+    def __init__(self, num_parents: int, margin: float = 0.01) -> None:
+        if num_parents < 1:
+            raise ValueError(f"num_parents must be >= 1, got {num_parents}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        self._sampler = sampler
+        self._num_parents = num_parents
         self._margin = margin
 
     @property
     def margin(self) -> float:
         return self._margin
 
+    def reference(self, study: optuna.Study, step: int) -> float | None:
+        """The ``num_parents``-th best complete value at ``step``, or ``None`` with too few complete trials."""
+        complete = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)
+        values = sorted(t.intermediate_values[step] for t in complete if step in t.intermediate_values)
+        if study.direction == StudyDirection.MAXIMIZE:
+            values.reverse()
+        return values[self._num_parents - 1] if len(values) >= self._num_parents else None
+
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
-        generation = trial.system_attrs.get(self._sampler._get_generation_key())
-        if step is None or not generation:
+        if step is None:
             return False
-        parents = self._sampler.get_parent_population(study, generation)
-        reference = [p.intermediate_values[step] for p in parents if step in p.intermediate_values]
-        if not reference:
+        reference = self.reference(study, step)
+        if reference is None:
             return False
         value = trial.intermediate_values[step]
         if study.direction == StudyDirection.MINIMIZE:
-            return value > (1 + self._margin) * max(reference)
-        return value < (1 - self._margin) * min(reference)
+            return value > (1 + self._margin) * reference
+        return value < (1 - self._margin) * reference

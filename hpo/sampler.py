@@ -150,7 +150,7 @@ class LongRoPESampler(BaseGASampler):
     objective (maximizes it for a ``"maximize"`` study); multi-objective studies are refused.
 
     Generations:
-        Generation 0 holds ``population_size`` complete trials: the seeds of :func:`enqueue_seeds`
+        Generation 0 holds ``population_size`` evaluated trials: the seeds of :func:`enqueue_seeds`
         (if the study has them), then mutants of the YaRN seed, in LongRoPE2 mode too (of the first
         seed if YaRN is missing; of a linear ramp from ``min_factor`` to ``s`` when there are no
         seeds). A flat vector such as PI (or LongRoPE2's start, flat above ``d_c``) would be a poor
@@ -161,8 +161,8 @@ class LongRoPESampler(BaseGASampler):
         :meth:`generation_size` gives these sizes; :meth:`get_trial_generation` is BaseGASampler's
         rule (a trial joins the newest generation until it has that many evaluated trials) with the
         size taken per generation, since the base class has one size for all. Pruned trials count:
-        a pruner that stops trials worse than every parent (:class:`hpo.pruning.ParentPruner`) stops
-        trials that would not have bred, so with or without pruning the generations advance at the
+        a pruner that stops trials that could not become parents (:class:`hpo.pruning.ParentPruner`)
+        stops trials that would not have bred, so with or without pruning the generations advance at the
         same trials and, unless a pruned trial would have become a parent after all, the proposals
         are the same. Failed trials do not count: a generation runs until it has its evaluated
         trials, and a failed mutant is replaced by a mutant.

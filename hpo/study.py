@@ -225,16 +225,16 @@ def sampler_for(preset: StudyPreset, space: LongRoPESearchSpace) -> LongRoPESamp
                            seed=search.seed)
 
 
-def pruner_for(preset: StudyPreset, sampler: LongRoPESampler) -> optuna.pruners.BasePruner:
+def pruner_for(preset: StudyPreset) -> optuna.pruners.BasePruner:
     search = preset.search
-    return ParentPruner(sampler, search.pruning_margin) if search.pruning else optuna.pruners.NopPruner()
+    return ParentPruner(search.parents, search.pruning_margin) if search.pruning else optuna.pruners.NopPruner()
 
 
 def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace) -> optuna.Study:
     """Create the study or load it to continue; the preset's space is recorded and must not change."""
     sampler = sampler_for(preset, space)
     study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
-                                pruner=pruner_for(preset, sampler), load_if_exists=True)
+                                pruner=pruner_for(preset), load_if_exists=True)
     recorded = study.user_attrs.get("search_space")
     current = space.to_record()
     if recorded is None:

@@ -67,9 +67,9 @@ class SearchSpec:
     critical_dim: int | str = 0  # LongRoPE2: "auto" or a dim index; 0 searches every dim
     seed: int = 0
     # Multi-fidelity pruning (hpo/pruning.py): a trial is measured window by window and stopped once its
-    # running perplexity is worse than every parent's at the same step by more than the margin.
+    # running perplexity is behind the `parents` best complete trials at the same step by more than the margin.
     pruning: bool = False
-    pruning_margin: float = 0.01  # relative: prune when value > (1 + margin) * worst parent's value
+    pruning_margin: float = 0.01  # relative: prune when value > (1 + margin) * the parents-th best complete value
     pruning_prefixes: tuple[float, ...] = ()  # extra rungs: window 0 cut to these fractions of its length first
 
 
