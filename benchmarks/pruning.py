@@ -56,7 +56,7 @@ def run_arm(preset: StudyPreset, workload, pruning: bool, out_dir: Path) -> Arm:
     for stale in (database, Path(f"{database}.claims.lock")):  # every run starts a fresh study
         stale.unlink(missing_ok=True)
     storage = open_storage(f"sqlite:///{database}")
-    space = search_space_for(preset, workload.geometry)
+    space = search_space_for(preset, workload)
     study = open_study(preset, storage, space)
     started = time.perf_counter()
     run_search(study, storage, workload, space, preset)

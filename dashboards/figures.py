@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from hpo.evaluate import recorded_search_space
+from hpo.outputs import recorded_search_space
 from hpo.sampler import SEEDS_KEY, LongRoPESampler
 from hpo.search_space import START_TOKENS_PARAM
 

@@ -30,7 +30,8 @@ import plotly.io as pio
 from optuna.trial import TrialState
 
 from dashboards.figures import report_figures
-from hpo.evaluate import ResultsError, load_study, read_results, study_dir
+from hpo.evaluate import ResultsError, read_results
+from hpo.outputs import load_study, study_dir
 from hpo.study import StorageError
 
 T = TypeVar("T")
@@ -59,7 +60,7 @@ def per_study(values: Sequence[T] | None, names: Sequence[str], option: str) -> 
 
 def open_studies(names: Sequence[str], storages: Sequence[str] | None = None,
                  outs: Sequence[Path] | None = None) -> list[optuna.Study]:
-    """The studies ``names`` from their storages (see :func:`hpo.evaluate.load_study`)."""
+    """The studies ``names`` from their storages (see :func:`hpo.outputs.load_study`)."""
     pairs = zip(per_study(storages, names, "--storage"), per_study(outs, names, "--out"), strict=True)
     return [load_study(name, storage, out) for name, (storage, out) in zip(names, pairs, strict=True)]
 

@@ -31,7 +31,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from dashboards.figures import report_figures
 from dashboards.report import gather_results
-from hpo.evaluate import ResultsError, best_factors, load_study, study_dir
+from hpo.evaluate import ResultsError
+from hpo.outputs import best_factors, load_study, study_dir
 from hpo.study import StorageError
 
 logger = logging.getLogger("dashboards.serve")

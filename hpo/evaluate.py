@@ -23,7 +23,6 @@ which :func:`read_results` and the reports in :mod:`dashboards` read.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -35,8 +34,8 @@ import optuna
 import pandas as pd
 from tqdm.auto import tqdm
 
-from hpo.search_space import LongRoPESearchSpace
-from hpo.study import StorageError, default_storage_url, open_storage
+from hpo.outputs import study_dir, study_factors
+from hpo.study import StorageError
 from models.assets import AssetError
 from models.baselines import BASELINES, baseline
 from models.loading import DEFAULT_MODEL, ModelLoadError, load_model
@@ -46,7 +45,6 @@ from objectives.data import EMBEDDED_CORPUS, WINDOW_MODES, DataError, load_windo
 from objectives.needle import needle_windows
 from objectives.passkey import evaluate_passkey, group_by_depth, passkey_prompts
 from objectives.perplexity import PerplexityResult, perplexity, sliding_window_perplexity
-from studies import PresetError, load_preset
 
 logger = logging.getLogger(__name__)
 
@@ -75,81 +73,8 @@ class EvaluationRow:
     depth: float | None = None
 
 
-class StudyError(ValueError):
-    """A study that cannot be found, or that holds nothing to evaluate yet."""
-
-
 class ResultsError(ValueError):
     """A results file that does not exist or is not an evaluation table."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Studies: where they live and the factors they found.
-
-
-def study_dir(name: str, out: str | Path | None = None) -> Path:
-    """A study's output directory: ``out``, else ``runs/<name>`` as ``python -m hpo.run`` uses."""
-    return Path(out) if out is not None else Path("runs") / name
-
-
-def load_study(name: str, storage: str | None = None, out: str | Path | None = None) -> optuna.Study:
-    """Open the existing study ``name`` in ``storage`` (default: ``study.db`` in :func:`study_dir`).
-
-    Raises :class:`StudyError` when the storage file or the study does not exist;
-    an SQLite file is never created by looking.
-    """
-    url = storage or default_storage_url(study_dir(name, out))
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise StudyError(f"no study storage at {url.removeprefix('sqlite:///')}: pass the study's --out DIR "
-                         f"(where `python -m hpo.run --study {name}` wrote study.db) or --storage URL")
-    opened = open_storage(url)
-    try:
-        return optuna.load_study(study_name=name, storage=opened)
-    except KeyError:
-        names = optuna.get_all_study_names(opened)
-        raise StudyError(f"no study {name!r} in {url}; it holds: {', '.join(names) or 'no studies'}") from None
-
-
-def recorded_search_space(study: optuna.Study) -> LongRoPESearchSpace:
-    """The search space ``hpo.study.open_study`` recorded in the study's user attrs."""
-    record = study.user_attrs.get("search_space")
-    if record is None:
-        raise StudyError(f"study {study.study_name!r} has no recorded search space: not made by python -m hpo.run?")
-    return LongRoPESearchSpace.from_record(record)
-
-
-def best_factors(study: optuna.Study) -> RopeFactors:
-    """The factors of the study's best complete trial, with provenance in ``metadata``."""
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        raise StudyError(f"study {study.study_name!r} has no complete trial yet")
-    best = study.best_trial
-    found = recorded_search_space(study).to_factors(best.params)  # method is "longrope"
-    return dataclasses.replace(
-        found, metadata={"study": study.study_name, "trial": best.number, "searched_perplexity": best.value})
-
-
-def study_model(study: optuna.Study) -> str | None:
-    """The model the study searched, from its preset; None when the preset is not a shipped one."""
-    try:
-        return load_preset(study.user_attrs.get("preset", study.study_name)).model.name
-    except PresetError:
-        return None
-
-
-def study_factors(name: str, storage: str | None = None,
-                  out: str | Path | None = None) -> tuple[RopeFactors, str | None]:
-    """``(best factors, model name or None)`` of study ``name``.
-
-    Read from the storage when ``storage`` is given or ``study.db`` exists in the
-    study directory, else from ``best_factors.json`` there.
-    """
-    directory = study_dir(name, out)
-    factor_file = directory / "best_factors.json"
-    if storage is None and not (directory / "study.db").is_file() and factor_file.is_file():
-        factors = RopeFactors.load(factor_file)
-        return factors, factors.metadata.get("model")
-    study = load_study(name, storage, out)
-    return best_factors(study), study_model(study)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class StudyTrainable(tune.Trainable):
 
     def setup(self, config: dict[str, Any], preset: StudyPreset) -> None:
         self._workload = worker_workload(preset)
-        self._space = search_space_for(preset, self._workload.geometry)
+        self._space = search_space_for(preset, self._workload)
         self._schedule = self._workload.schedule(preset.search)
         self.reset_config(config)
 
@@ -276,7 +276,7 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
     Tune's own files go to ``out_dir/ray_results``.
     """
     n_trials = preset.search.n_trials
-    claims = open_claims(study, storage, space, workload.geometry)
+    claims = open_claims(study, storage, space, workload.seeds(space))
     bar = TrialProgress(study, n_trials, progress)
     searcher = StudySearcher(study, storage, claims, space, n_trials, bar.update)
     # Tune passes this on to its trainables: they stay in the driver's directory, so relative

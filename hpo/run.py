@@ -33,6 +33,7 @@ from hpo.study import (
     open_study,
     run_search,
     search_space_for,
+    study_dir,
     write_outputs,
 )
 from models.assets import AssetError
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ray_settings = ray_arguments(args)
         preset = apply_overrides(load_preset(args.study), args)
-        out_dir = args.out or Path("runs") / preset.name
+        out_dir = study_dir(preset.name, args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(preset.storage or default_storage_url(out_dir))
         if args.backend == "ray":  # before loading the model: a bad address fails in seconds
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             options = ray_backend.RayOptions(**ray_settings)
             ray_backend.connect(options)
         workload = load_workload(preset)
-        space = search_space_for(preset, workload.geometry)
-        study = open_study(preset, storage, space)
+        space = search_space_for(preset, workload)
+        study = open_study(preset, storage, space, workload.stage)
         logger.info("study %r in %s: %d trials so far, target %d, %s backend, pruning %s", preset.name,
                     preset.storage or default_storage_url(out_dir), len(study.trials), preset.search.n_trials,
                     args.backend, "on" if preset.search.pruning else "off")

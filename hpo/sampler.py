@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
-from models.rope import RopeGeometry
+from models.rope import RopeFactors
 
 # Study and trial system attributes. The generation and parent-cache keys come from
 # BaseGASampler, which derives them from the class name ("LongRoPESampler:...").
@@ -110,8 +110,8 @@ def crossover(
     return child
 
 
-def enqueue_seeds(study: optuna.Study, search_space: LongRoPESearchSpace, geometry: RopeGeometry) -> int:
-    """Enqueue the baselines of ``search_space.seeds(geometry)`` as the first trials, once per study.
+def enqueue_seeds(study: optuna.Study, search_space: LongRoPESearchSpace, seeds: Sequence[RopeFactors]) -> int:
+    """Enqueue ``seeds`` (usually ``search_space.seeds(geometry)``) as the first trials, once per study.
 
     Each seed is projected into the space with :meth:`LongRoPESearchSpace.to_params` and tagged
     with the user attr ``seed`` (its method name). The projected seeds are recorded in the study
@@ -130,7 +130,7 @@ def enqueue_seeds(study: optuna.Study, search_space: LongRoPESearchSpace, geomet
     pending = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
     records: list[dict[str, Any]] = []
     enqueued = 0
-    for seed in search_space.seeds(geometry):
+    for seed in seeds:
         params = search_space.to_params(seed)
         records.append({"method": seed.method, "params": params})
         # Baselines can project onto the same point (LongRoPE2's start is PI above d_c): run it once.

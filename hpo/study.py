@@ -51,7 +51,7 @@ from models.baselines import baseline, critical_dimension
 from models.export import write_rope_parameters
 from models.loading import load_model
 from models.patch import patched
-from models.rope import RopeFactors, RopeGeometry
+from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
 from objectives.data import load_windows
 from objectives.needle import needle_windows
 from objectives.perplexity import PerplexityResult, perplexity
@@ -114,6 +114,64 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def study_dir(name: str, out: str | Path | None = None) -> Path:
+    """A study's output directory: ``out``, else ``runs/<name>`` as ``python -m hpo.run`` uses."""
+    return Path(out) if out is not None else Path("runs") / name
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What an earlier study hands to a chained one (a preset's ``[extend]``).
+
+    ``factors`` are the earlier study's (the ones its fine-tuned model was trained with, when
+    ``model`` is that model's directory); ``mode`` is ``"longer"`` or ``"short"``.
+    """
+
+    from_study: str
+    mode: str
+    factors: RopeFactors
+    model: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {"from_study": self.from_study, "mode": self.mode, "factors": self.factors.to_dict(),
+                "model": self.model}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Stage:
+        return cls(record["from_study"], record["mode"], RopeFactors.from_dict(record["factors"]), record["model"])
+
+    def final_factors(self, found: RopeFactors) -> RopeFactors:
+        """The study's result from what its search found: chained after the earlier factors when longer."""
+        return chain_factors(self.factors, found) if self.mode == "longer" else found
+
+
+def stage_for(preset: StudyPreset) -> Stage | None:
+    """The earlier study a chained preset builds on, read from that study's output directory.
+
+    With ``extend.finetuned`` the model is the fine-tuned directory ``DIR/finetuned`` that
+    ``python -m hpo.finetune`` wrote, with the factors it was trained with; otherwise the preset's
+    model with the earlier study's ``best_factors.json``. A missing output is an error that names
+    the command that makes it.
+    """
+    extend = preset.extend
+    if extend.from_study is None:
+        return None
+    directory = study_dir(extend.from_study, extend.from_dir)
+    if extend.finetuned:
+        model_dir = directory / "finetuned"
+        factor_file = model_dir / "rope_factors.json"
+        missing = f"run `python -m hpo.finetune --study {extend.from_study}` first (or set extend.finetuned = false)"
+        model = str(model_dir)
+    else:
+        factor_file = directory / "best_factors.json"
+        missing = f"run `python -m hpo.run --study {extend.from_study}` first"
+        model = preset.model.name
+    if not factor_file.is_file():
+        raise FactorError(f"study {preset.name!r} builds on {extend.from_study!r}, but {factor_file} does not "
+                          f"exist: {missing}")
+    return Stage(extend.from_study, extend.mode, RopeFactors.load(factor_file), model)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """A trial's running value after one fidelity step, and the step's own perplexity."""
@@ -128,15 +186,28 @@ class Workload:
     """What every trial evaluates on: the loaded model and its windows."""
 
     model: Any
-    geometry: RopeGeometry
+    geometry: RopeGeometry  # the window the search extends: the model's, or a longer stage's target
     windows: list[torch.Tensor]
     score_masks: list[torch.Tensor] | None
     heldout_windows: list[torch.Tensor]
     heldout_masks: list[torch.Tensor] | None
+    model_geometry: RopeGeometry  # the model's own RoPE, which exported factors refer to
+    stage: Stage | None = None
+
+    def applied(self, factors: RopeFactors) -> RopeFactors:
+        """The factors the model runs with for searched ``factors``: chained after a longer stage's."""
+        return chain_factors(self.stage.factors, factors) if self.stage and self.stage.mode == "longer" else factors
+
+    def seeds(self, space: LongRoPESearchSpace) -> list[RopeFactors]:
+        """The trials that open the search: the baselines, after the long factors and no scaling when short."""
+        if self.stage and self.stage.mode == "short":
+            identity = baseline("none", self.model_geometry, space.target_length)
+            return [dataclasses.replace(self.stage.factors, method="long"), identity, *space.seeds(self.geometry)]
+        return space.seeds(self.geometry)
 
     def _perplexity(self, factors: RopeFactors, windows: list[torch.Tensor], masks: list[torch.Tensor] | None,
                     desc: str) -> PerplexityResult:
-        with patched(self.model, factors):
+        with patched(self.model, self.applied(factors)):
             return perplexity(self.model, windows, score_masks=masks, desc=desc,
                               progress=logger.isEnabledFor(logging.INFO))
 
@@ -178,15 +249,33 @@ class Workload:
 
 
 def load_workload(preset: StudyPreset) -> Workload:
-    """Load the preset's model once and cut its searched and held-out windows."""
-    model, tokenizer = load_model(preset.model.name, dtype=preset.model.dtype, device=preset.model.device,
-                                  attn_implementation=preset.model.attn)
-    geometry = RopeGeometry.from_config(model.config)
+    """Load the preset's model once and cut its searched and held-out windows.
+
+    A chained preset (``[extend]``) loads the earlier study's model; a longer stage searches from
+    the earlier target length, a short stage at ``target_length`` within the model's window.
+    """
+    stage = stage_for(preset)
+    model, tokenizer = load_model(stage.model if stage else preset.model.name, dtype=preset.model.dtype,
+                                  device=preset.model.device, attn_implementation=preset.model.attn)
+    model_geometry = RopeGeometry.from_config(model.config)
     if preset.model.original_length:
-        geometry = RopeGeometry(geometry.rotary_dim, geometry.base, preset.model.original_length)
-    if preset.target_length <= geometry.original_length:
-        raise ValueError(f"target_length {preset.target_length} must be longer than the model's original "
-                         f"window {geometry.original_length}")
+        model_geometry = RopeGeometry(model_geometry.rotary_dim, model_geometry.base, preset.model.original_length)
+    geometry = model_geometry
+    if stage:
+        stage.factors.validate(model_geometry)
+        if stage.factors.original_length != model_geometry.original_length:
+            raise FactorError(f"{stage.from_study}'s factors extend a {stage.factors.original_length}-token window; "
+                              f"the model's is {model_geometry.original_length}")
+    if stage and stage.mode == "short":
+        if preset.target_length > model_geometry.original_length:
+            raise ValueError(f"a short stage searches within the model's window: target_length "
+                             f"{preset.target_length} must be at most {model_geometry.original_length}")
+    else:
+        if stage:
+            geometry = RopeGeometry(model_geometry.rotary_dim, model_geometry.base, stage.factors.target_length)
+        if preset.target_length <= geometry.original_length:
+            raise ValueError(f"target_length {preset.target_length} must be longer than the "
+                             f"{'earlier stage' if stage else 'model'}'s window {geometry.original_length}")
     data = preset.data
 
     def cut(first: int, samples: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -200,16 +289,19 @@ def load_workload(preset: StudyPreset) -> Workload:
 
     windows, masks = cut(data.first_window, data.samples)
     heldout, heldout_masks = cut(data.heldout_start, data.heldout_samples)
-    return Workload(model, geometry, windows, masks, heldout, heldout_masks)
+    return Workload(model, geometry, windows, masks, heldout, heldout_masks, model_geometry, stage)
 
 
-def search_space_for(preset: StudyPreset, geometry: RopeGeometry) -> LongRoPESearchSpace:
+def search_space_for(preset: StudyPreset, workload: Workload) -> LongRoPESearchSpace:
+    """The preset's space over ``workload``'s window; a short stage searches in the long factors' bounds."""
     search = preset.search
+    geometry = workload.geometry
+    short = workload.stage is not None and workload.stage.mode == "short"
     critical_dim = critical_dimension(geometry) if search.critical_dim == "auto" else search.critical_dim
     return LongRoPESearchSpace(
         num_factors=geometry.num_factors,
         original_length=geometry.original_length,
-        target_length=preset.target_length,
+        target_length=workload.stage.factors.target_length if short else preset.target_length,
         max_factor=search.max_factor,
         start_token_candidates=search.start_tokens,
         attention_scaling_range=search.attention_scaling,
@@ -230,8 +322,9 @@ def pruner_for(preset: StudyPreset) -> optuna.pruners.BasePruner:
     return ParentPruner(search.parents, search.pruning_margin) if search.pruning else optuna.pruners.NopPruner()
 
 
-def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace) -> optuna.Study:
-    """Create the study or load it to continue; the preset's space is recorded and must not change."""
+def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace,
+               stage: Stage | None = None) -> optuna.Study:
+    """Create the study or load it to continue; the preset's space (and stage) are recorded and must not change."""
     sampler = sampler_for(preset, space)
     study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
                                 pruner=pruner_for(preset), load_if_exists=True)
@@ -240,9 +333,14 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSp
     if recorded is None:
         study.set_user_attr("search_space", current)
         study.set_user_attr("preset", preset.name)
+        if stage:
+            study.set_user_attr("stage", stage.to_record())
     elif recorded != current:
         raise ValueError(f"study {preset.name!r} in this storage was searched with {recorded}, "
                          f"not {current}; use another --out/--storage to start a new study")
+    elif study.user_attrs.get("stage") != (stage.to_record() if stage else None):
+        raise ValueError(f"study {preset.name!r} in this storage was built on other earlier factors than "
+                         f"{preset.extend.from_study!r} has now; use another --out/--storage to start a new study")
     return study
 
 
@@ -364,15 +462,15 @@ class TrialClaims:
 
 
 def open_claims(study: optuna.Study, storage: RDBStorage, space: LongRoPESearchSpace,
-                geometry: RopeGeometry) -> TrialClaims:
-    """The study's :class:`TrialClaims`, with the baseline seeds enqueued once per study.
+                seeds: list[RopeFactors]) -> TrialClaims:
+    """The study's :class:`TrialClaims`, with ``seeds`` (:meth:`Workload.seeds`) enqueued once per study.
 
     The seeds are enqueued under the claims lock: the first worker enqueues them, the others find
     them recorded (unlocked, two workers starting together would both enqueue them).
     """
     claims = TrialClaims(storage, study.study_name)
     with claims.locked():
-        enqueue_seeds(study, space, geometry)
+        enqueue_seeds(study, space, seeds)
     return claims
 
 
@@ -412,8 +510,8 @@ def make_objective(workload: Workload, space: LongRoPESearchSpace,
                 if not measured.step.prefix:
                     per_window.append(measured.perplexity)
                 if position < len(schedule) - 1 and trial.should_prune():
-                    raise optuna.TrialPruned(f"{measured.value:.4f} at step {measured.step.step} is worse than "
-                                             f"every parent")
+                    raise optuna.TrialPruned(f"{measured.value:.4f} at step {measured.step.step} could not "
+                                             f"make a parent")
         except optuna.TrialPruned:
             raise
         except Exception as error:
@@ -463,7 +561,7 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
     the study has them all (it waits for the others' last trials).
     """
     n_trials = preset.search.n_trials
-    claims = open_claims(study, storage, space, workload.geometry)
+    claims = open_claims(study, storage, space, workload.seeds(space))
     objective = make_objective(workload, space, workload.schedule(preset.search))
     bar = TrialProgress(study, n_trials, progress)
     try:
@@ -484,14 +582,29 @@ def _matching_trial_value(study: optuna.Study, space: LongRoPESearchSpace, facto
     return None
 
 
+def reference_candidates(workload: Workload, space: LongRoPESearchSpace) -> list[tuple[str, RopeFactors]]:
+    """What the best trial is compared with: the baselines, on top of a longer stage's factors; for a
+    short stage, no scaling and the long factors."""
+    stage = workload.stage
+    if stage and stage.mode == "short":
+        return [("none", baseline("none", workload.model_geometry, space.target_length)),
+                (f"{stage.from_study} long factors", stage.factors)]
+    candidates = [(name, baseline(name, workload.geometry, space.target_length)) for name in REFERENCE_METHODS]
+    if stage:
+        return [(f"{stage.from_study} only" if name == "none" else f"{stage.from_study} + {name}", factors)
+                for name, factors in candidates]
+    return candidates
+
+
 def compare_with_baselines(study: optuna.Study, workload: Workload, space: LongRoPESearchSpace) -> list[dict]:
-    """Perplexity of the best trial and each baseline on the searched and held-out windows.
+    """Perplexity of the best trial and each reference (:func:`reference_candidates`) on the searched
+    and held-out windows.
 
     Each figure is stored in the study's user attrs once computed, so a resumed
     run does not pay for it again.
     """
     best = study.best_trial
-    candidates = [(name, baseline(name, workload.geometry, space.target_length)) for name in REFERENCE_METHODS]
+    candidates = reference_candidates(workload, space)
     candidates.append((f"longrope (trial {best.number})", space.to_factors(best.params)))
     rows = []
     for name, factors in candidates:
@@ -527,14 +640,19 @@ def write_outputs(out_dir: Path, study: optuna.Study, workload: Workload, space:
     """``best_factors.json``, ``rope_parameters.json`` and ``results.json`` in ``out_dir``."""
     best = study.best_trial
     heldout = next((row.get("heldout") for row in rows if row["method"].startswith("longrope")), None)
-    factors = dataclasses.replace(
+    stage = workload.stage
+    found = dataclasses.replace(
         space.to_factors(best.params),
-        metadata={"study": study.study_name, "model": preset.model.name, "trial": best.number,
-                  "searched_perplexity": best.value, "heldout_perplexity": heldout, "data": preset.data.source},
+        metadata={"study": study.study_name, "model": stage.model if stage else preset.model.name,
+                  "trial": best.number, "searched_perplexity": best.value, "heldout_perplexity": heldout,
+                  "data": preset.data.source},
     )
+    factors = stage.final_factors(found) if stage else found
+    long_factors, short_factors = (stage.factors, factors) if stage and stage.mode == "short" else (factors, None)
     trials = study.get_trials(deepcopy=False)
     summary = {
         "study": study.study_name, "model": preset.model.name, "target_length": preset.target_length,
+        "extends": {"study": stage.from_study, "mode": stage.mode, "model": stage.model} if stage else None,
         "trials": {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
         "trial_time_s": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                            if t.datetime_complete and t.datetime_start),
@@ -542,7 +660,8 @@ def write_outputs(out_dir: Path, study: optuna.Study, workload: Workload, space:
     }
     paths = {
         "factors": factors.save(out_dir / "best_factors.json"),
-        "rope_parameters": write_rope_parameters(out_dir / "rope_parameters.json", factors, workload.geometry),
+        "rope_parameters": write_rope_parameters(out_dir / "rope_parameters.json", long_factors,
+                                                 workload.model_geometry, short_factors),
         "results": out_dir / "results.json",
     }
     paths["results"].write_text(json.dumps(summary, indent=2, default=str) + "\n")

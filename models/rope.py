@@ -195,3 +195,30 @@ class RopeFactors:
         except FactorError as error:
             raise FactorError(f"{path}: {error}") from None
         return factors
+
+
+def chain_factors(first: RopeFactors, then: RopeFactors) -> RopeFactors:
+    """The factors of two extensions applied one after the other (LongRoPE's progressive extension).
+
+    ``first`` takes the model from its original window to ``first.target_length``; ``then`` was
+    searched on that extended model, treating ``first.target_length`` as its window. Dividing a
+    frequency by one factor and then by the other is dividing it by their product, and the attention
+    scalings multiply the same way. Positions below ``then.start_tokens`` keep the original RoPE.
+    The stages are kept in ``metadata["stages"]``.
+
+    Raises :class:`FactorError` when ``then`` does not start where ``first`` ends.
+    """
+    if then.original_length != first.target_length or then.num_factors != first.num_factors:
+        raise FactorError(f"cannot chain {then.num_factors} factors for {then.original_length} -> "
+                          f"{then.target_length} after {first.num_factors} factors for {first.original_length} -> "
+                          f"{first.target_length}: the second must start at the first's target length")
+    stages = [*first.metadata.get("stages", [first.to_dict()]), then.to_dict()]
+    return RopeFactors(
+        rescale_factors=tuple(a * b for a, b in zip(first.rescale_factors, then.rescale_factors, strict=True)),
+        original_length=first.original_length,
+        target_length=then.target_length,
+        start_tokens=then.start_tokens,
+        attention_scaling=first.attention_scaling * then.attention_scaling,
+        method=then.method,
+        metadata={**then.metadata, "stages": stages},
+    )

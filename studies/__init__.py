@@ -17,6 +17,7 @@ from typing import Any
 
 PRESET_DIR = Path(__file__).parent
 FITNESS_KINDS = ("perplexity", "needle-perplexity")
+EXTEND_MODES = ("longer", "short")
 
 
 class PresetError(ValueError):
@@ -74,6 +75,47 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class ExtendSpec:
+    """Build on an earlier study's outputs instead of the bare model (a chained stage).
+
+    ``mode = "longer"`` (LongRoPE's progressive extension): search further factors for
+    ``target_length`` on top of the earlier study's, treating its target length as the window;
+    the study's factors are the product of both. ``mode = "short"`` (short-context readjustment):
+    search short factors at ``target_length`` (the original window) for a model that carries the
+    earlier study's long factors; the export holds both, switched by input length.
+    """
+
+    from_study: str | None = None
+    from_dir: str | None = None  # the earlier study's output directory; default runs/<from_study>
+    mode: str = "longer"
+    finetuned: bool = True  # start from its fine-tuned model (python -m hpo.finetune), else the bare model
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """The fine-tuning stage (``python -m hpo.finetune``) that follows a search."""
+
+    steps: int = 400
+    learning_rate: float = 2e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    batch_size: int = 1  # packed sequences per optimizer step (before gradient accumulation)
+    gradient_accumulation: int = 1
+    sequence_length: int | None = None  # default: the study's target_length
+    source: str | None = None  # training text; default: the study's data.source
+    first_document: int = 0  # skip this many documents (keep the searched and held-out text out of training)
+    lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    gradient_checkpointing: bool = True
+    dtype: str = "auto"  # auto: bf16 where native (GPUs, AVX512-BF16 CPUs), else fp32
+    mixed_short_fraction: float = 0.0  # LongRoPE2: share of sequences at the original window, original RoPE
+    save_every: int = 100  # steps between resumable checkpoints
+    eval_every: int = 50  # steps between held-out loss measurements
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class StudyPreset:
     name: str
     target_length: int
@@ -82,6 +124,8 @@ class StudyPreset:
     data: DataSpec = field(default_factory=DataSpec)
     fitness: FitnessSpec = field(default_factory=FitnessSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    extend: ExtendSpec = field(default_factory=ExtendSpec)
     storage: str | None = None  # default: sqlite file in the output directory
 
     def replace(self, **changes: Any) -> StudyPreset:
@@ -123,7 +167,14 @@ def _checked(preset: StudyPreset) -> StudyPreset:
     if not isinstance(preset.target_length, int) or preset.target_length <= 0:
         problems.append(f"target_length must be a positive integer, got {preset.target_length!r}")
     original = preset.model.original_length
-    if original is not None and isinstance(preset.target_length, int) and preset.target_length <= original:
+    extend = preset.extend
+    if extend.mode not in EXTEND_MODES:
+        problems.append(f"extend.mode must be one of {', '.join(EXTEND_MODES)}, got {extend.mode!r}")
+    if extend.from_study is None and (extend.mode != "longer" or extend.from_dir is not None):
+        problems.append("extend.mode and extend.from_dir need extend.from_study")
+    short = extend.mode == "short"
+    if (original is not None and isinstance(preset.target_length, int) and not short
+            and preset.target_length <= original):
         problems.append(f"target_length {preset.target_length} must be longer than original_length {original}")
     if preset.fitness.kind not in FITNESS_KINDS:
         problems.append(f"fitness.kind must be one of {', '.join(FITNESS_KINDS)}, got {preset.fitness.kind!r}")
@@ -155,6 +206,15 @@ def _checked(preset: StudyPreset) -> StudyPreset:
         value = getattr(preset.data, name)
         if not isinstance(value, int) or value < 0 or (name == "samples" and value == 0):
             problems.append(f"data.{name} must be a positive integer, got {value!r}")
+    tune = preset.finetune
+    for name in ("steps", "batch_size", "gradient_accumulation", "lora_rank", "save_every", "eval_every"):
+        value = getattr(tune, name)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"finetune.{name} must be a positive integer, got {value!r}")
+    if not isinstance(tune.learning_rate, int | float) or tune.learning_rate <= 0:
+        problems.append(f"finetune.learning_rate must be a positive number, got {tune.learning_rate!r}")
+    if not isinstance(tune.mixed_short_fraction, int | float) or not 0 <= tune.mixed_short_fraction < 1:
+        problems.append(f"finetune.mixed_short_fraction must be in [0, 1), got {tune.mixed_short_fraction!r}")
     if problems:
         raise PresetError(f"study {preset.name!r}: " + "; ".join(problems))
     return preset
@@ -177,7 +237,8 @@ def load_preset(name_or_path: str) -> StudyPreset:
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise PresetError(f"{path}: not valid TOML: {error}") from None
-    sections = {"model": ModelSpec, "data": DataSpec, "fitness": FitnessSpec, "search": SearchSpec}
+    sections = {"model": ModelSpec, "data": DataSpec, "fitness": FitnessSpec, "search": SearchSpec,
+                "finetune": FinetuneSpec, "extend": ExtendSpec}
     values: dict[str, Any] = {"name": table.pop("name", path.stem)}
     for section, cls in sections.items():
         sub = table.pop(section, {})

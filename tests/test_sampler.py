@@ -48,7 +48,7 @@ def make_sampler(space: LongRoPESearchSpace = SPACE, seed: int = 0) -> LongRoPES
 
 def run(n_trials: int, seed: int = 0, storage: str | None = None) -> optuna.Study:
     study = optuna.create_study(study_name="s", storage=storage, sampler=make_sampler(seed=seed), load_if_exists=True)
-    enqueue_seeds(study, SPACE, GEOMETRY)
+    enqueue_seeds(study, SPACE, SPACE.seeds(GEOMETRY))
     study.optimize(objective, n_trials=n_trials)
     return study
 
@@ -214,7 +214,7 @@ def test_pruned_failed_and_infeasible_trials_are_never_parents() -> None:
         return -1.0 if trial.number % 6 == 1 else value
 
     study = optuna.create_study(sampler=make_sampler())
-    enqueue_seeds(study, SPACE, GEOMETRY)
+    enqueue_seeds(study, SPACE, SPACE.seeds(GEOMETRY))
     study.optimize(flaky, n_trials=80, catch=(ValueError,))
     trials = study.trials
     allowed = {
@@ -237,8 +237,8 @@ def test_pruned_failed_and_infeasible_trials_are_never_parents() -> None:
 
 def test_seeds_are_enqueued_once() -> None:
     study = optuna.create_study(sampler=make_sampler())
-    assert enqueue_seeds(study, SPACE, GEOMETRY) == 3
-    assert enqueue_seeds(study, SPACE, GEOMETRY) == 0
+    assert enqueue_seeds(study, SPACE, SPACE.seeds(GEOMETRY)) == 3
+    assert enqueue_seeds(study, SPACE, SPACE.seeds(GEOMETRY)) == 0
     assert len(study.trials) == 3
     assert [record["method"] for record in study_attrs(study)[SEEDS_KEY]] == ["pi", "ntk", "yarn"]
 
@@ -249,7 +249,7 @@ def test_longrope2_mode_derives_the_dims_below_the_critical_dim() -> None:
     assert [seed.method for seed in space.seeds(GEOMETRY)] == ["pi", "ntk", "yarn", "longrope2-init"]
     sampler = LongRoPESampler(space, population_size=8, num_parents=4, num_mutants=2, num_crossovers=2, seed=0)
     study = optuna.create_study(sampler=sampler)
-    num_seeds = enqueue_seeds(study, space, GEOMETRY)
+    num_seeds = enqueue_seeds(study, space, space.seeds(GEOMETRY))
     study.optimize(lambda trial: objective(trial, space), n_trials=40)
     for trial in study.trials:
         assert set(trial.params) == {*space.factor_names, START_TOKENS_PARAM}

@@ -59,7 +59,7 @@ def test_two_processes_finish_exactly_the_asked_trials(tmp_path, postgres_url):
 def test_a_claim_counts_running_trials(tmp_path):
     preset = load_preset("tiny")
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    space = search_space_for(preset, load_workload(preset).geometry)
+    space = search_space_for(preset, load_workload(preset))
     study = open_study(preset, storage, space)
     claims = TrialClaims(storage, study.study_name)
     with warnings.catch_warnings():
@@ -77,7 +77,7 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_requeued(tmp_pa
     monkeypatch.setattr(study_module, "GRACE_PERIOD_S", 1)
     preset = load_preset("tiny")
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    space = search_space_for(preset, load_workload(preset).geometry)
+    space = search_space_for(preset, load_workload(preset))
     study = open_study(preset, storage, space)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Optuna: heartbeats outside study.optimize

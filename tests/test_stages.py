@@ -1,0 +1,123 @@
+"""Chained studies: progressive extension (factors multiply) and short-context readjustment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hpo.outputs import study_factors
+from hpo.study import load_workload
+from models.baselines import linear_interpolation, yarn
+from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
+from studies import PresetError, load_preset
+from tests.conftest import run_tiny_study
+
+GEOMETRY = RopeGeometry(rotary_dim=16, base=10000.0, original_length=128)
+
+# A tiny second stage: 256 -> 512 on top of the tiny study's factors (the bare model: no fine-tuning here).
+LONGER = """target_length = 512
+[model]
+name = "tiny-random-llama"
+dtype = "float32"
+[data]
+samples = 1
+heldout_samples = 1
+[search]
+n_trials = 8
+population = 5
+parents = 2
+mutants = 2
+crossovers = 1
+[extend]
+from_study = "tiny"
+from_dir = "{from_dir}"
+finetuned = false
+"""
+SHORT = LONGER.replace("target_length = 512", "target_length = 128").replace(
+    'finetuned = false', 'finetuned = false\nmode = "short"')
+
+
+def test_chained_factors_multiply_and_keep_both_stages():
+    first = yarn(GEOMETRY, 256)
+    then = linear_interpolation(RopeGeometry(16, 10000.0, 256), 1024)
+    chained = chain_factors(first, then)
+    assert chained.rescale_factors == tuple(a * 4.0 for a in first.rescale_factors)
+    assert (chained.original_length, chained.target_length) == (128, 1024)
+    assert chained.attention_scaling == pytest.approx(first.attention_scaling * then.attention_scaling)
+    assert [stage["target_length"] for stage in chained.metadata["stages"]] == [256, 1024]
+    third = linear_interpolation(RopeGeometry(16, 10000.0, 1024), 2048)
+    assert [stage["target_length"] for stage in chain_factors(chained, third).metadata["stages"]] == [256, 1024, 2048]
+    with pytest.raises(FactorError, match="must start at the first's target length"):
+        chain_factors(first, linear_interpolation(GEOMETRY, 512))
+
+
+@pytest.fixture(scope="module")
+def first_stage(tmp_path_factory):
+    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
+
+
+def run_stage(tmp_path, text: str, name: str):
+    preset = tmp_path / f"{name}.toml"
+    preset.write_text(text)
+    out = tmp_path / name
+    done = subprocess.run([sys.executable, "-m", "hpo.run", "--study", str(preset), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    return done, out
+
+
+def test_progressive_stage_searches_on_top_and_multiplies(first_stage, tmp_path):
+    done, out = run_stage(tmp_path, LONGER.format(from_dir=first_stage), "tiny_longer")
+    assert done.returncode == 0, done.stderr
+    first = RopeFactors.load(first_stage / "best_factors.json")
+    final = RopeFactors.load(out / "best_factors.json")
+    second = RopeFactors.from_dict(final.metadata["stages"][-1])
+    assert (second.original_length, second.target_length) == (256, 512)  # searched from the first stage's target
+    assert final.rescale_factors == pytest.approx([a * b for a, b in zip(first.rescale_factors,
+                                                                          second.rescale_factors, strict=True)])
+    assert (final.original_length, final.target_length) == (128, 512)
+    # The study's value is the perplexity of the model running the product, measured without any stage.
+    plain = load_workload(load_preset("tiny").replace(target_length=512, data__samples=1, data__heldout_samples=0))
+    value, _ = plain.fitness(final)
+    assert value == pytest.approx(second.metadata["searched_perplexity"], rel=1e-6)
+    # Evaluation and fine-tuning read the final factors back from the storage too.
+    from_storage, model = study_factors("tiny_longer", out=out)
+    assert from_storage.rescale_factors == final.rescale_factors and model == "tiny-random-llama"
+    results = json.loads((out / "results.json").read_text())
+    assert results["extends"]["study"] == "tiny"
+    assert [row["method"] for row in results["comparison"]][:2] == ["tiny only", "tiny + pi"]
+    rope = json.loads((out / "rope_parameters.json").read_text())["rope_parameters"]
+    assert rope["long_factor"] == pytest.approx(list(final.rescale_factors))
+    assert rope["original_max_position_embeddings"] == 128
+
+
+def test_short_stage_recovers_the_original_window_and_exports_both(first_stage, tmp_path):
+    done, out = run_stage(tmp_path, SHORT.format(from_dir=first_stage), "tiny_short")
+    assert done.returncode == 0, done.stderr
+    long_factors = RopeFactors.load(first_stage / "best_factors.json")
+    short_factors = RopeFactors.load(out / "best_factors.json")
+    rope = json.loads((out / "rope_parameters.json").read_text())["rope_parameters"]
+    assert rope["long_factor"] == pytest.approx(list(long_factors.rescale_factors))
+    assert rope["short_factor"] == pytest.approx(list(short_factors.rescale_factors))
+    rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())["comparison"]}
+    best = next(row for name, row in rows.items() if name.startswith("longrope"))
+    # No scaling and the long factors open the search, so the short factors are at least as good as both.
+    assert best["searched"] <= rows["none"]["searched"] and best["searched"] <= rows["tiny long factors"]["searched"]
+
+
+def test_a_missing_earlier_stage_is_a_clear_error(tmp_path):
+    done, _ = run_stage(tmp_path, LONGER.format(from_dir=tmp_path / "nothing"), "orphan")
+    assert done.returncode == 2
+    assert "best_factors.json does not exist: run `python -m hpo.run --study tiny` first" in done.stderr
+    finetuned = LONGER.format(from_dir=tmp_path / "nothing").replace("finetuned = false", "finetuned = true")
+    done, _ = run_stage(tmp_path, finetuned, "orphan_finetuned")
+    assert done.returncode == 2 and "python -m hpo.finetune --study tiny" in done.stderr
+
+
+def test_extend_settings_are_checked(tmp_path):
+    preset = tmp_path / "bad.toml"
+    preset.write_text(LONGER.format(from_dir=tmp_path).replace('finetuned = false', 'mode = "sideways"'))
+    with pytest.raises(PresetError, match="extend.mode must be one of longer, short"):
+        load_preset(str(preset))
