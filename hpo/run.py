@@ -111,7 +111,7 @@ def load_ray_backend():
 def print_presets() -> None:
     for name in list_presets():
         preset = load_preset(name)
-        print(f"{name:<14} {preset.model.name:<28} -> {preset.target_length:>7,} tokens, "
+        print(f"{name:<24} {preset.model.name:<26} -> {preset.target_length:>7,} tokens, "
               f"{preset.search.n_trials:>5} trials  {preset.description}")
 
 

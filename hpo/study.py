@@ -141,8 +141,12 @@ class Stage:
         return cls(record["from_study"], record["mode"], RopeFactors.from_dict(record["factors"]), record["model"])
 
     def final_factors(self, found: RopeFactors) -> RopeFactors:
-        """The study's result from what its search found: chained after the earlier factors when longer."""
-        return chain_factors(self.factors, found) if self.mode == "longer" else found
+        """The factors the model runs with for searched ``found``: chained after the earlier ones when longer;
+        when short, with the long factors' attention scaling, since an exported ``longrope`` config has one
+        attention factor for both sets."""
+        if self.mode == "longer":
+            return chain_factors(self.factors, found)
+        return dataclasses.replace(found, attention_scaling=self.factors.attention_scaling)
 
 
 def stage_for(preset: StudyPreset) -> Stage | None:
@@ -195,8 +199,8 @@ class Workload:
     stage: Stage | None = None
 
     def applied(self, factors: RopeFactors) -> RopeFactors:
-        """The factors the model runs with for searched ``factors``: chained after a longer stage's."""
-        return chain_factors(self.stage.factors, factors) if self.stage and self.stage.mode == "longer" else factors
+        """The factors the model runs with for searched ``factors`` (:meth:`Stage.final_factors`)."""
+        return self.stage.final_factors(factors) if self.stage else factors
 
     def seeds(self, space: LongRoPESearchSpace) -> list[RopeFactors]:
         """The trials that open the search: the baselines, after the long factors and no scaling when short."""
@@ -584,7 +588,8 @@ def _matching_trial_value(study: optuna.Study, space: LongRoPESearchSpace, facto
 
 def reference_candidates(workload: Workload, space: LongRoPESearchSpace) -> list[tuple[str, RopeFactors]]:
     """What the best trial is compared with: the baselines, on top of a longer stage's factors; for a
-    short stage, no scaling and the long factors."""
+    short stage, no rescaling (factors 1: what the export uses within the window without a short search)
+    and the long factors."""
     stage = workload.stage
     if stage and stage.mode == "short":
         return [("none", baseline("none", workload.model_geometry, space.target_length)),

@@ -173,6 +173,9 @@ def _checked(preset: StudyPreset) -> StudyPreset:
     if extend.from_study is None and (extend.mode != "longer" or extend.from_dir is not None):
         problems.append("extend.mode and extend.from_dir need extend.from_study")
     short = extend.mode == "short"
+    if short and preset.search.attention_scaling is not None:
+        problems.append("a short stage keeps the long factors' attention scaling (a longrope config has one "
+                        "attention factor for both sets): remove search.attention_scaling")
     if (original is not None and isinstance(preset.target_length, int) and not short
             and preset.target_length <= original):
         problems.append(f"target_length {preset.target_length} must be longer than original_length {original}")

@@ -26,6 +26,20 @@ def test_paper_presets_use_the_reference_search():
     assert longrope2.search.critical_dim == "auto" and longrope2.fitness.kind == "needle-perplexity"
 
 
+def test_chained_presets_build_on_shipped_studies():
+    chained = {name: load_preset(name) for name in list_presets() if load_preset(name).extend.from_study}
+    assert {"smollm2_32k_progressive", "smollm2_8k_short", "llama2_256k"} <= set(chained)
+    for name, preset in chained.items():
+        earlier = load_preset(preset.extend.from_study)
+        assert preset.model.name == earlier.model.name, name
+        if preset.extend.mode == "longer":
+            assert preset.target_length > earlier.target_length, name
+        else:
+            assert preset.target_length < earlier.target_length, name
+    assert load_preset("llama2_128k").finetune.steps == 400 and load_preset("llama2_256k").finetune.steps == 600
+    assert load_preset("llama3_128k").finetune.mixed_short_fraction > 0
+
+
 def test_pruning_is_on_where_several_searched_windows_pay_for_it():
     for name in ("llama2_16k", "llama2_32k", "mistral_32k", "llama3_128k"):
         search = load_preset(name).search

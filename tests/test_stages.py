@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from hpo.finetune import main as finetune_main
 from hpo.outputs import study_factors
 from hpo.study import load_workload
 from models.baselines import linear_interpolation, yarn
+from models.loading import load_model
+from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
 from studies import PresetError, load_preset
 from tests.conftest import run_tiny_study
@@ -93,18 +99,62 @@ def test_progressive_stage_searches_on_top_and_multiplies(first_stage, tmp_path)
     assert rope["original_max_position_embeddings"] == 128
 
 
-def test_short_stage_recovers_the_original_window_and_exports_both(first_stage, tmp_path):
-    done, out = run_stage(tmp_path, SHORT.format(from_dir=first_stage), "tiny_short")
+@pytest.fixture(scope="module")
+def short_stage(first_stage, tmp_path_factory):
+    done, out = run_stage(tmp_path_factory.mktemp("short"), SHORT.format(from_dir=first_stage), "tiny_short")
     assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_short_stage_recovers_the_original_window_and_exports_both(first_stage, short_stage):
     long_factors = RopeFactors.load(first_stage / "best_factors.json")
-    short_factors = RopeFactors.load(out / "best_factors.json")
-    rope = json.loads((out / "rope_parameters.json").read_text())["rope_parameters"]
+    short_factors = RopeFactors.load(short_stage / "best_factors.json")
+    assert short_factors.attention_scaling == long_factors.attention_scaling  # one attention factor in a config
+    rope = json.loads((short_stage / "rope_parameters.json").read_text())["rope_parameters"]
     assert rope["long_factor"] == pytest.approx(list(long_factors.rescale_factors))
     assert rope["short_factor"] == pytest.approx(list(short_factors.rescale_factors))
-    rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())["comparison"]}
+    rows = {row["method"]: row for row in json.loads((short_stage / "results.json").read_text())["comparison"]}
     best = next(row for name, row in rows.items() if name.startswith("longrope"))
-    # No scaling and the long factors open the search, so the short factors are at least as good as both.
+    # No rescaling and the long factors open the search, so the short factors are at least as good as both.
     assert best["searched"] <= rows["none"]["searched"] and best["searched"] <= rows["tiny long factors"]["searched"]
+
+
+def test_exported_model_switches_factors_by_input_length(first_stage, short_stage, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hpo.export", "--study", "tiny_short", "--out", str(short_stage),
+                           "--to", str(tmp_path / "model")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="eager").eval()
+    ours, _ = load_model("tiny-random-llama", dtype="float32", attn_implementation="eager")
+    long_factors = RopeFactors.load(first_stage / "best_factors.json")
+    short_factors = RopeFactors.load(short_stage / "best_factors.json")
+    tokens = torch.randint(0, exported.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
+    for length, factors in ((100, short_factors), (200, long_factors)):  # the window is 128
+        with torch.no_grad(), patched(ours, dataclasses.replace(factors, start_tokens=0)):  # configs have no n_hat
+            expected = ours(tokens[:, :length]).logits
+        with torch.no_grad():
+            got = exported(tokens[:, :length]).logits
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_search_finetune_search_finetune(first_stage, tmp_path):
+    """The whole progressive chain on the tiny model: each stage starts from the previous fine-tuned model."""
+    assert finetune_main(["--study", "tiny", "--out", str(first_stage), "--steps", "2", "--quiet"]) == 0
+    first_model = first_stage / "finetuned"
+    trained_with = RopeFactors.load(first_model / "rope_factors.json")
+    assert trained_with.rescale_factors == RopeFactors.load(first_stage / "best_factors.json").rescale_factors
+    text = LONGER.format(from_dir=first_stage).replace("finetuned = false", "finetuned = true")
+    done, out = run_stage(tmp_path, text + "[finetune]\nsteps = 2\nsave_every = 2\neval_every = 2\n",
+                          "tiny_progressive")
+    assert done.returncode == 0, done.stderr
+    final = RopeFactors.load(out / "best_factors.json")
+    assert final.metadata["model"] == str(first_model)
+    assert finetune_main(["--study", str(tmp_path / "tiny_progressive.toml"), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "finetune" / "summary.json").read_text())
+    assert summary["model"] == str(first_model) and summary["settings"]["sequence_length"] == 512
+    second = RopeFactors.load(out / "finetuned" / "rope_factors.json")
+    assert second.rescale_factors == final.rescale_factors and len(second.metadata["stages"]) == 2
+    config = AutoConfig.from_pretrained(out / "finetuned")
+    assert config.rope_parameters["long_factor"] == pytest.approx(list(final.rescale_factors))
 
 
 def test_a_missing_earlier_stage_is_a_clear_error(tmp_path):

@@ -1,0 +1,79 @@
+"""Export a study's result as a Hugging Face model directory: ``python -m hpo.export --study NAME --to DIR``.
+
+The directory holds the study's model (for a chained study, the earlier stage's model it searched on, e.g.
+the fine-tuned one) with a ``longrope`` config that stock transformers loads: the study's long factors, and
+for a short-context readjustment study (``[extend] mode = "short"``) its short factors too, so that stock
+transformers uses the short ones for inputs within the original window and the long ones beyond. A plain or
+longer study exports short factors of 1 (the original RoPE) unless ``--short-from NAME`` names the short
+study to take them from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import optuna
+
+from hpo.outputs import StudyError, best_factors, load_study, study_model
+from hpo.study import Stage, StorageError
+from models.assets import AssetError
+from models.export import save_extended_model
+from models.loading import ModelLoadError, load_model
+from models.rope import FactorError, RopeFactors
+
+
+def exported_factors(study: optuna.Study, short_study: optuna.Study | None = None
+                     ) -> tuple[RopeFactors, RopeFactors | None]:
+    """``(long factors, short factors or None)`` that ``study`` (and ``short_study``) stand for."""
+    found = best_factors(study)
+    stage = study.user_attrs.get("stage")
+    if stage and stage["mode"] == "short":
+        if short_study is not None:
+            raise StudyError(f"study {study.study_name!r} holds short factors itself: drop --short-from")
+        return Stage.from_record(stage).factors, found
+    if short_study is None:
+        return found, None
+    short_stage = short_study.user_attrs.get("stage")
+    if not short_stage or short_stage["mode"] != "short":
+        raise StudyError(f"--short-from {short_study.study_name!r} is not a short-context readjustment study")
+    if Stage.from_record(short_stage).factors.rescale_factors != found.rescale_factors:
+        raise StudyError(f"{short_study.study_name!r} searched short factors for other long factors than "
+                         f"{study.study_name!r}'s best")
+    return found, best_factors(short_study)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hpo.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", required=True, metavar="NAME", help="the study to export")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="the study's output directory (default: runs/NAME)")
+    parser.add_argument("--storage", metavar="URL", help="the study's storage URL (default: DIR/study.db)")
+    parser.add_argument("--short-from", metavar="NAME", help="take the short factors from this short study")
+    parser.add_argument("--short-out", type=Path, metavar="DIR", help="that study's output directory")
+    parser.add_argument("--to", type=Path, required=True, metavar="DIR", help="where to write the model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        study = load_study(args.study, args.storage, args.out)
+        short_study = load_study(args.short_from, None, args.short_out) if args.short_from else None
+        long_factors, short_factors = exported_factors(study, short_study)
+        model_name = study_model(study)
+        if model_name is None:
+            raise StudyError(f"study {args.study!r} does not say which model it searched (its preset is not shipped)")
+        model, tokenizer = load_model(model_name, dtype="float32")
+        save_extended_model(model, tokenizer, args.to, long_factors, short_factors)
+    except (StudyError, StorageError, AssetError, ModelLoadError, FactorError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.to}: {model_name} with long factors for {long_factors.target_length:,} tokens"
+          + (" and short factors for the original window" if short_factors else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

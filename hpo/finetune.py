@@ -1,0 +1,536 @@
+"""Fine-tune a model with a study's searched RoPE factors: ``python -m hpo.finetune --study NAME``.
+
+LongRoPE searches rescale factors, then fine-tunes the model *with those factors on*, so the weights adapt to
+the rescaled positions; this is that stage. It reads the study's best factors (or ``--factors FILE``), loads
+the preset's model, patches its RoPE in place (:mod:`models.patch`) and trains on Accelerate (one CPU process
+in tests, ``accelerate launch`` for several GPUs) with the preset's ``[finetune]`` settings.
+
+Data. The documents of ``finetune.source`` (default: the study's text) from ``first_document`` on are tokenized
+and packed back to back, each followed by EOS, into rows of exactly ``sequence_length`` tokens (a tail shorter
+than a row is dropped). Position ids restart at 0 at each document start, and the label of a document's first
+token is -100, so no loss crosses a boundary. In transformers 5.23, a forward with ``position_ids`` that
+restart, no ``attention_mask`` and no cache (``use_cache=False``) is detected as packed
+(``masking_utils.find_packed_sequence_indices``) and SDPA and eager attention get a block-diagonal causal mask:
+documents in one row do not see each other. flash_attention_2 detects packing only for one row per forward.
+The text is split as the study reads it (``data.window_mode``): real corpora by document; the embedded essays,
+short texts that the search reads as one stream, as a single document, so that positions reach the full
+sequence length. The last ``max(1, data.heldout_samples)`` rows are held out; training rows are read in a
+seeded order, a new permutation per pass.
+
+Mixed context window (LongRoPE2, ``mixed_short_fraction`` > 0). That share of the micro-batches, chosen from the
+seed, is cut into rows of the original window and run with the RoPE that the exported model uses for inputs
+within that window: every factor 1 (the original frequencies) with the export's attention factor, since stock
+transformers' ``longrope`` applies one ``attention_factor`` to both sets. The others run at ``sequence_length``
+with the searched factors.
+
+Outputs, in the study directory (``runs/NAME`` or ``--out``):
+
+- ``finetune/checkpoint-STEP/``: the latest resumable checkpoint (Accelerate state: weights, optimizer,
+  scheduler, RNG; plus ``finetune_state.json`` and the ``rope_factors.json`` trained with), written under a
+  temporary name and renamed, so a run killed while saving keeps the previous one;
+- ``finetune/summary.json``: steps, tokens, seconds, held-out loss before and after;
+- ``finetuned/``: the model with its ``longrope`` config (LoRA merged), which stock
+  ``AutoModelForCausalLM.from_pretrained`` loads, and ``rope_factors.json``.
+
+Running the same command again continues from the latest checkpoint, with the same results as a run that
+was never stopped, as long as the settings are the same (otherwise: ``--restart``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import optuna
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from hpo.outputs import StudyError, study_dir, study_factors
+from hpo.study import StorageError, stage_for
+from models.assets import AssetError
+from models.export import save_extended_model
+from models.loading import ModelLoadError, load_model, pick_device, pick_dtype
+from models.patch import apply_factors
+from models.rope import FactorError, RopeFactors, RopeGeometry
+from objectives.data import DataError, default_window_mode, load_documents, tokenize_documents
+from studies import PresetError, StudyPreset, load_preset
+
+logger = logging.getLogger("hpo.finetune")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "finetune_state.json"
+FACTORS_FILE = "rope_factors.json"
+MAX_GRAD_NORM = 1.0
+IGNORE_INDEX = -100  # transformers' cross-entropy skips these labels
+ResumeMode = Literal["auto", "must", "restart"]
+MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class FinetuneError(ValueError):
+    """Settings or a checkpoint that fine-tuning cannot use; the message says what to pass instead."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: packed rows, as (tokens, starts) pairs of [rows, length] tensors; starts marks each document's first token.
+
+
+def pack_documents(streams: list[torch.Tensor], length: int,
+                   eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents back to back, each followed by EOS, cut into rows of exactly ``length`` tokens.
+
+    Returns ``(tokens, starts)``: token ids, and True where a document begins. The first token of every row
+    counts as a start: a document cut by a row boundary continues from position 0. The tail shorter than a
+    row is dropped; no token is in two rows.
+    """
+    pieces, flags = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.bool)]  # no text: no rows
+    for stream in streams:
+        if stream.numel() == 0:
+            continue
+        document = stream if eos_token_id is None else torch.cat([stream, torch.tensor([eos_token_id])])
+        start = torch.zeros(document.numel(), dtype=torch.bool)
+        start[0] = True
+        pieces.append(document)
+        flags.append(start)
+    tokens, starts = torch.cat(pieces), torch.cat(flags)
+    rows = tokens.numel() // length
+    return _rows(tokens[:rows * length], starts[:rows * length], length)
+
+
+def _rows(tokens: torch.Tensor, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = starts.reshape(-1, length).clone()
+    starts[:, 0] = True
+    return tokens.reshape(-1, length), starts
+
+
+def split_rows(tokens: torch.Tensor, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row cut into ``row_length // length`` rows of ``length`` tokens (the mixed window's short rows)."""
+    keep = tokens.shape[1] // length * length
+    return _rows(tokens[:, :keep], starts[:, :keep], length)
+
+
+def model_inputs(tokens: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``input_ids``, per-document ``position_ids`` and ``labels`` (-100 at document starts) for a forward."""
+    index = torch.arange(tokens.shape[-1]).expand_as(tokens)
+    last_start = torch.where(starts, index, 0).cummax(dim=-1).values
+    return {"input_ids": tokens, "position_ids": index - last_start,
+            "labels": tokens.masked_fill(starts, IGNORE_INDEX)}
+
+
+def training_rows(position: int, count: int, rows: int, seed: int) -> list[int]:
+    """Indices of the ``count`` training rows read from data position ``position`` on.
+
+    Row ``position`` of the endless data order is row ``permutation(pass)[position % rows]`` with a new seeded
+    permutation per pass, so any position is found again from the seed alone (what resuming needs).
+    """
+    chosen = []
+    for index in range(position, position + count):
+        epoch, offset = divmod(index, rows)
+        chosen.append(int(np.random.default_rng([seed, epoch]).permutation(rows)[offset]))
+    return chosen
+
+
+def is_short(micro_step: int, fraction: float, seed: int) -> bool:
+    """Whether micro-batch ``micro_step`` runs at the original window (mixed context window training)."""
+    return fraction > 0 and np.random.default_rng([seed, micro_step, 1]).random() < fraction
+
+
+def short_factors(factors: RopeFactors) -> RopeFactors:
+    """The RoPE an exported ``longrope`` model uses within the original window: factors 1, same attention factor."""
+    return RopeFactors(rescale_factors=(1.0,) * factors.num_factors, original_length=factors.original_length,
+                       target_length=factors.original_length, attention_scaling=factors.attention_scaling,
+                       method="short")
+
+
+def training_text(preset: StudyPreset) -> tuple[str, str]:
+    """``(source, window mode)`` of the fine-tuning text: by default the study's, split as the study splits it."""
+    source = preset.finetune.source or preset.data.source
+    return source, preset.data.window_mode or default_window_mode(source)
+
+
+def load_rows(preset: StudyPreset, tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed rows of the preset's fine-tuning text (see the module docstring)."""
+    tune = preset.finetune
+    source, mode = training_text(preset)
+    streams = tokenize_documents(load_documents(source)[tune.first_document:], tokenizer, mode)
+    tokens, starts = pack_documents(streams, length, tokenizer.eos_token_id)
+    needed = heldout_rows(preset) + 1
+    if len(tokens) < needed:
+        total = sum(s.numel() for s in streams)
+        raise DataError(f"{source}: text too short: from document {tune.first_document} on it holds {total:,} "
+                        f"tokens, {len(tokens)} sequences of {length:,}; fine-tuning needs at least {needed} "
+                        f"({needed - 1} held out)")
+    return tokens, starts
+
+
+def heldout_rows(preset: StudyPreset) -> int:
+    return max(1, preset.data.heldout_samples)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the Accelerate state: where training is and what it measured."""
+
+    settings: dict
+    step: int = 0
+    position: int = 0  # training rows consumed by all processes: the cursor in the data order
+    tokens: int = 0
+    seconds: float = 0.0
+    short_batches: int = 0
+    losses: list[float] = field(default_factory=list)  # mean training loss of each step
+    evals: list[list[float]] = field(default_factory=list)  # [step, held-out loss]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step; leftovers of an interrupted save are ignored."""
+    done = [path for path in run_dir.glob(f"{CHECKPOINT_PREFIX}*")
+            if path.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (path / STATE_FILE).is_file()]
+    return max(done, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, factors: RopeFactors) -> Path:
+    """Write ``checkpoint-STEP`` under a temporary name, rename it, then drop the older checkpoints."""
+    final = run_dir / f"{CHECKPOINT_PREFIX}{state.step}"
+    scratch = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        for leftover in run_dir.glob("*.partial"):
+            shutil.rmtree(leftover)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(scratch)
+    if accelerator.is_main_process:
+        factors.save(scratch / FACTORS_FILE)
+        (scratch / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of this step (no state file)
+        scratch.rename(final)
+        for old in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            if old != final:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    logger.info("step %d: checkpoint %s", state.step, final)
+    return final
+
+
+def run_settings(preset: StudyPreset, model_name: str, length: int) -> dict:
+    """What a resumed run must share with the checkpoint for its results to be those of one run (JSON types)."""
+    source, mode = training_text(preset)
+    settings = {"model": model_name, **asdict(preset.finetune), "sequence_length": length,
+                "source": source, "window_mode": mode}
+    for key in ("save_every", "eval_every", "gradient_checkpointing"):  # they change when and how, not what
+        del settings[key]
+    return json.loads(json.dumps(settings))
+
+
+def resume_from(run_dir: Path, resume: ResumeMode, settings: dict) -> Path | None:
+    """The checkpoint to continue from, or None to start at step 0 (``restart`` removes the old ones)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if resume == "restart":
+        for old in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(old)
+        return None
+    if checkpoint is None:
+        if resume == "must":
+            raise FinetuneError(f"--resume: no checkpoint in {run_dir}")
+        return None
+    saved = json.loads((checkpoint / STATE_FILE).read_text())["settings"]
+    changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
+    if changed:
+        raise FinetuneError(f"{checkpoint} was trained with other settings ("
+                            + ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in changed)
+                            + "); pass --restart to start over with the new ones")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training.
+
+
+def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
+    """``model`` with LoRA adapters on every linear layer but the LM head; only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise FinetuneError("LoRA needs peft: pip install 'longrope-hpo[lora]'") from None
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, as usual (not on norms and biases)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token loss over the held-out rows (one row per forward), with the RoPE the model has now."""
+    model.eval()
+    nll, count = 0.0, 0
+    for row in range(len(tokens)):
+        inputs = model_inputs(tokens[row:row + 1], starts[row:row + 1])
+        scored = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
+        loss = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).loss
+        nll += loss.item() * scored
+        count += scored
+    model.train()
+    return nll / count
+
+
+def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, resume: ResumeMode = "auto",
+             progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Fine-tune ``preset``'s model with ``factors`` on, per ``preset.finetune``; outputs in ``out_dir``.
+
+    ``resume``: ``auto`` continues from the latest checkpoint in ``out_dir/finetune`` if there is one,
+    ``must`` requires one, ``restart`` removes them and starts at step 0. A resumed run uses the factors it
+    was started with. ``stop_after`` ends this call after that many steps in all, with a checkpoint, as if
+    interrupted. Returns the exported model directory ``out_dir/finetuned``, or None when stopped early.
+    Raises :class:`FinetuneError`, :class:`~objectives.data.DataError`, :class:`~models.rope.FactorError` or
+    :class:`~models.loading.ModelLoadError` on input it cannot use, before any checkpoint is touched.
+    """
+    tune = preset.finetune
+    out_dir, started = Path(out_dir), time.perf_counter()
+    run_dir = out_dir / "finetune"
+    device = pick_device(preset.model.device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[pick_dtype(tune.dtype, device)],
+                              gradient_accumulation_steps=tune.gradient_accumulation,
+                              step_scheduler_with_optimizer=False)  # the schedule counts optimizer steps
+    set_seed(tune.seed)
+    stage = stage_for(preset)
+    if stage and stage.mode == "short":
+        raise FinetuneError(f"study {preset.name!r} searched short factors for the model of "
+                            f"{stage.from_study!r}; fine-tune that study (its long factors) instead")
+    model_name = stage.model if stage else preset.model.name  # a longer stage trains the earlier stage's model
+    # fp32 master weights; bf16 (where native) comes from Accelerate's autocast
+    model, tokenizer = load_model(model_name, dtype="float32", device=str(accelerator.device),
+                                  attn_implementation=preset.model.attn)
+    factors.validate(RopeGeometry.from_config(model.config))
+    length = tune.sequence_length or preset.target_length
+    if length <= factors.original_length:
+        raise FinetuneError(f"sequence_length {length} must be longer than the original window "
+                            f"{factors.original_length}: fine-tuning is for the extended positions")
+    tokens, starts = load_rows(preset, tokenizer, length)
+    heldout = heldout_rows(preset)
+    train_tokens, train_starts = tokens[:-heldout], starts[:-heldout]
+    heldout_tokens, heldout_starts = tokens[-heldout:], starts[-heldout:]
+    settings = run_settings(preset, model_name, length)
+    if (model.config._attn_implementation == "flash_attention_2" and settings["window_mode"] == "documents"
+            and (tune.batch_size > 1 or tune.mixed_short_fraction)):
+        logger.warning("flash_attention_2 keeps packed documents apart only with one row per forward: "
+                       "with batch_size > 1 or short rows, documents in a row attend to each other")
+
+    if tune.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tune.lora:
+        model = add_lora(model, tune.lora_rank, tune.lora_alpha)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tune.weight_decay), lr=tune.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, tune.warmup_steps, tune.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = TrainState(settings=settings)
+    checkpoint = resume_from(run_dir, resume, settings)
+    if checkpoint is not None:
+        accelerator.load_state(checkpoint)
+        state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+        saved = RopeFactors.load(checkpoint / FACTORS_FILE)
+        if saved != factors:
+            logger.warning("resuming with the factors %s was started with, not the ones given now "
+                           "(--restart to train with those)", checkpoint)
+        factors = saved
+        logger.info("resumed from %s at step %d", checkpoint, state.step)
+    short = short_factors(factors)
+    stop = min(tune.steps, stop_after or tune.steps)
+    logger.info("fine-tuning %s%s at %d tokens with %s factors: %d training and %d held-out sequences, "
+                "steps %d..%d of %d", model_name, " (LoRA)" if tune.lora else "", length, factors.method,
+                len(train_tokens), heldout, state.step, stop, tune.steps)
+    rows_per_step = tune.batch_size * tune.gradient_accumulation * accelerator.num_processes
+    if tune.steps * rows_per_step > len(train_tokens):
+        logger.warning("%d steps read %d sequences, the text has %d: each is read about %.1f times",
+                       tune.steps, tune.steps * rows_per_step, len(train_tokens),
+                       tune.steps * rows_per_step / len(train_tokens))
+
+    def evaluate() -> None:
+        apply_factors(raw_model, factors)
+        state.evals.append([state.step, heldout_loss(model, heldout_tokens, heldout_starts, accelerator.device)])
+        logger.info("step %d: held-out loss %.4f (perplexity %.2f)", state.step, state.evals[-1][1],
+                    math.exp(state.evals[-1][1]))
+
+    if not state.evals:
+        evaluate()  # before any training: the searched factors on the original weights
+    model.train()
+    bar = tqdm(total=tune.steps, initial=state.step, desc="fine-tuning", unit="step", disable=not progress)
+    while state.step < stop:
+        step_started, step_tokens, step_loss = time.perf_counter(), 0, 0.0
+        for micro in range(tune.gradient_accumulation):
+            first = state.position + accelerator.process_index * tune.batch_size
+            rows = training_rows(first, tune.batch_size, len(train_tokens), tune.seed)
+            batch_tokens, batch_starts = train_tokens[rows], train_starts[rows]
+            if is_short(state.step * tune.gradient_accumulation + micro, tune.mixed_short_fraction, tune.seed):
+                batch_tokens, batch_starts = split_rows(batch_tokens, batch_starts, factors.original_length)
+                apply_factors(raw_model, short)
+                state.short_batches += 1
+            else:
+                apply_factors(raw_model, factors)
+            inputs = {k: v.to(accelerator.device) for k, v in model_inputs(batch_tokens, batch_starts).items()}
+            with accelerator.accumulate(model):  # gradients sync on the last micro-batch only
+                loss = model(**inputs, use_cache=False).loss
+                accelerator.backward(loss)
+            state.position += tune.batch_size * accelerator.num_processes
+            step_tokens += batch_tokens.numel() * accelerator.num_processes
+            step_loss += loss.item() / tune.gradient_accumulation
+        accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += step_tokens
+        state.losses.append(step_loss)
+        seconds = time.perf_counter() - step_started
+        state.seconds += seconds
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / seconds:,.0f}")
+        if state.step % tune.eval_every == 0 or state.step == tune.steps:
+            evaluate()
+        if state.step % tune.save_every == 0 or state.step == stop:
+            save_checkpoint(accelerator, run_dir, state, factors)
+    bar.close()
+    if state.step < tune.steps:
+        logger.info("stopped at step %d of %d: run again to continue from %s", state.step, tune.steps, run_dir)
+        return None
+    export_dir = out_dir / "finetuned"
+    if accelerator.is_main_process:
+        export_model(raw_model.merge_and_unload() if tune.lora else raw_model, tokenizer, factors, export_dir)
+        write_summary(run_dir / "summary.json", preset, state, export_dir, time.perf_counter() - started)
+    accelerator.wait_for_everyone()
+    return export_dir
+
+
+def export_model(model: nn.Module, tokenizer, factors: RopeFactors, export_dir: Path) -> None:
+    """Save ``model`` with a ``longrope`` config for ``factors`` and their factor file, replacing ``export_dir``
+    only once complete."""
+    scratch = export_dir.with_name(export_dir.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    save_extended_model(model, tokenizer, scratch, long_factors=factors)
+    factors.save(scratch / FACTORS_FILE)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    scratch.rename(export_dir)
+    logger.info("wrote %s", export_dir)
+
+
+def write_summary(path: Path, preset: StudyPreset, state: TrainState, export_dir: Path, seconds: float) -> None:
+    """``summary.json``: what was trained, how long, and the held-out loss before and after."""
+    before, after = state.evals[0][1], state.evals[-1][1]
+    summary = {"study": preset.name, "model": state.settings["model"], "steps": state.step, "tokens": state.tokens,
+               "train_seconds": state.seconds, "seconds_this_run": seconds, "short_batches": state.short_batches,
+               "heldout_sequences": heldout_rows(preset), "heldout_loss_before": before,
+               "heldout_loss_after": after, "heldout_perplexity_before": math.exp(before),
+               "heldout_perplexity_after": math.exp(after), "evals": state.evals, "finetuned": str(export_dir),
+               "settings": state.settings}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpo.finetune",
+        description="Fine-tune a study's model with its best RoPE factors on (LongRoPE's fine-tuning stage). "
+                    "Writes resumable checkpoints to DIR/finetune/ and the model, with a longrope config that "
+                    "stock transformers loads, to DIR/finetuned/. Running the same command again continues "
+                    "from the latest checkpoint. Options left out take the preset's [finetune] values.",
+    )
+    parser.add_argument("--study", required=True, metavar="NAME", help="preset name or path to a preset .toml file")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="the study's output directory (default: runs/NAME)")
+    parser.add_argument("--storage", default=None, metavar="URL", help="the study's storage URL")
+    parser.add_argument("--factors", type=Path, default=None, metavar="FILE",
+                        help="train with this factor file instead of the study's best factors")
+    parser.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight")
+    parser.add_argument("--lr", type=float, default=None, metavar="X", help="peak learning rate (warmup, then cosine)")
+    parser.add_argument("--sequence-length", type=int, default=None, metavar="N",
+                        help="tokens per packed training sequence (default: the study's target length)")
+    parser.add_argument("--mixed-short-fraction", type=float, default=None, metavar="F",
+                        help="LongRoPE2 mixed context window: this share of the micro-batches runs at the "
+                             "original window with the original frequencies")
+    parser.add_argument("--seed", type=int, default=None, metavar="N", help="seed of the data order and initialisation")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="stop at this step with a checkpoint (split a long run into sessions)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_const", const="must", dest="resume", default="auto",
+                       help="require a checkpoint to continue from (by default the latest one is continued "
+                            "if there is one; its settings must be the same)")
+    again.add_argument("--restart", action="store_const", const="restart", dest="resume",
+                       help="remove the checkpoints and start from step 0")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    return parser
+
+
+def format_summary(summary: dict) -> str:
+    before, after = summary["heldout_loss_before"], summary["heldout_loss_after"]
+    settings = summary["settings"]
+    return "\n".join([
+        f"fine-tuned {summary['model']}{' (LoRA)' if settings['lora'] else ''} for {summary['steps']} steps at "
+        f"{settings['sequence_length']:,} tokens: {summary['tokens']:,} tokens, {summary['train_seconds']:.0f}s",
+        f"held-out loss {before:.4f} -> {after:.4f}, perplexity {math.exp(before):.2f} -> {math.exp(after):.2f} "
+        f"({summary['heldout_sequences']} sequence(s))",
+        f"model: {summary['finetuned']}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.quiet:
+        transformers.logging.disable_progress_bar()  # "Loading weights" and "Writing model shards"
+    try:
+        preset = load_preset(args.study).replace(
+            finetune__steps=args.steps, finetune__lora=args.lora or None, finetune__learning_rate=args.lr,
+            finetune__sequence_length=args.sequence_length, finetune__mixed_short_fraction=args.mixed_short_fraction,
+            finetune__seed=args.seed, model__device=args.device)
+        if args.factors:
+            factors = RopeFactors.load(args.factors)
+        else:
+            factors, _ = study_factors(preset.name, args.storage, args.out)
+        out_dir = study_dir(preset.name, args.out)
+        finished = finetune(preset, factors, out_dir, resume=args.resume, progress=not args.quiet,
+                            stop_after=args.stop_after)
+    except (PresetError, StudyError, StorageError, AssetError, ModelLoadError, FactorError, DataError,
+            ValueError) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the latest checkpoint is kept; run the same command to continue", file=sys.stderr)
+        return 130
+    if finished is None:
+        print(f"stopped by --stop-after {args.stop_after}; run the same command without it to continue")
+        return 0
+    print(format_summary(json.loads((out_dir / "finetune" / "summary.json").read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
