@@ -30,10 +30,10 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import optuna
 import pandas as pd
 from tqdm.auto import tqdm
 
+from hpo.cli import configure_logging
 from hpo.outputs import study_dir, study_factors
 from hpo.study import StorageError
 from models.assets import AssetError
@@ -343,9 +343,7 @@ def format_table(rows: list[EvaluationRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    configure_logging()
     try:
         rows = run(args)
     except (AssetError, ModelLoadError, FactorError, DataError, StorageError, ValueError) as error:

@@ -50,15 +50,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import optuna
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from hpo.cli import configure_logging
 from hpo.outputs import StudyError, study_dir, study_factors
 from hpo.study import StorageError, stage_for
 from models.assets import AssetError
@@ -501,11 +500,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.quiet:
-        transformers.logging.disable_progress_bar()  # "Loading weights" and "Writing model shards"
+    configure_logging(args.quiet)
     try:
         preset = load_preset(args.study).replace(
             finetune__steps=args.steps, finetune__lora=args.lora or None, finetune__learning_rate=args.lr,

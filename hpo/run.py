@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
-
+from hpo.cli import configure_logging
 from hpo.study import (
     BackendError,
     StorageError,
@@ -123,9 +122,7 @@ def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPrese
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    configure_logging(args.quiet)
     if args.list:
         print_presets()
         return 0

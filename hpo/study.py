@@ -279,7 +279,7 @@ def load_workload(preset: StudyPreset) -> Workload:
             geometry = RopeGeometry(model_geometry.rotary_dim, model_geometry.base, stage.factors.target_length)
         if preset.target_length <= geometry.original_length:
             raise ValueError(f"target_length {preset.target_length} must be longer than the "
-                             f"{'earlier stage' if stage else 'model'}'s window {geometry.original_length}")
+                             f"{'earlier stage' if stage else 'model'}'s original window {geometry.original_length}")
     data = preset.data
 
     def cut(first: int, samples: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
