@@ -16,32 +16,30 @@ from pathlib import Path
 
 import optuna
 
-from hpo.outputs import StudyError, best_factors, load_study, study_model
-from hpo.study import Stage, StorageError
+from hpo.outputs import StudyError, best_factors, exported_factors, load_study, study_model, study_stage
+from hpo.study import StorageError
 from models.assets import AssetError
 from models.export import save_extended_model
 from models.loading import ModelLoadError, load_model
 from models.rope import FactorError, RopeFactors
 
 
-def exported_factors(study: optuna.Study, short_study: optuna.Study | None = None
-                     ) -> tuple[RopeFactors, RopeFactors | None]:
-    """``(long factors, short factors or None)`` that ``study`` (and ``short_study``) stand for."""
-    found = best_factors(study)
-    stage = study.user_attrs.get("stage")
-    if stage and stage["mode"] == "short":
-        if short_study is not None:
-            raise StudyError(f"study {study.study_name!r} holds short factors itself: drop --short-from")
-        return Stage.from_record(stage).factors, found
+def exported_pair(study: optuna.Study, short_study: optuna.Study | None = None
+                  ) -> tuple[RopeFactors, RopeFactors | None]:
+    """``(long factors, short factors or None)`` to export: ``study``'s own (:func:`hpo.outputs.exported_factors`),
+    with the short factors of ``short_study`` when given."""
+    long_factors, short_factors = exported_factors(study)
     if short_study is None:
-        return found, None
-    short_stage = short_study.user_attrs.get("stage")
-    if not short_stage or short_stage["mode"] != "short":
+        return long_factors, short_factors
+    if short_factors is not None:
+        raise StudyError(f"study {study.study_name!r} holds short factors itself: drop --short-from")
+    short_stage = study_stage(short_study)
+    if short_stage is None or short_stage.mode != "short":
         raise StudyError(f"--short-from {short_study.study_name!r} is not a short-context readjustment study")
-    if Stage.from_record(short_stage).factors.rescale_factors != found.rescale_factors:
+    if short_stage.factors.rescale_factors != long_factors.rescale_factors:
         raise StudyError(f"{short_study.study_name!r} searched short factors for other long factors than "
                          f"{study.study_name!r}'s best")
-    return found, best_factors(short_study)
+    return long_factors, best_factors(short_study)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.study, args.storage, args.out)
         short_study = load_study(args.short_from, None, args.short_out) if args.short_from else None
-        long_factors, short_factors = exported_factors(study, short_study)
+        long_factors, short_factors = exported_pair(study, short_study)
         model_name = study_model(study)
         if model_name is None:
             raise StudyError(f"study {args.study!r} does not say which model it searched (its preset is not shipped)")

@@ -2,21 +2,25 @@
 
 ``python -m hpo.run --study NAME`` writes ``runs/NAME/`` (or ``--out DIR``): ``study.db``
 (unless ``--storage`` points elsewhere), ``best_factors.json``, ``rope_parameters.json`` and
-``results.json``. Evaluation, fine-tuning and the dashboards read a study back through these
-functions, from its storage or, without one, from ``best_factors.json``.
+``results.json`` (:func:`write_outputs`). Evaluation, fine-tuning, export and the dashboards read
+a study back through these functions, from its storage or, without one, from ``best_factors.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from hpo.search_space import LongRoPESearchSpace
 from hpo.study import Stage, default_storage_url, open_storage, study_dir
-from models.rope import RopeFactors
-from studies import PresetError, load_preset
+from models.export import write_rope_parameters
+from models.rope import RopeFactors, RopeGeometry
+from studies import PresetError, StudyPreset, load_preset
 
 
 class StudyError(ValueError):
@@ -49,8 +53,14 @@ def recorded_search_space(study: optuna.Study) -> LongRoPESearchSpace:
     return LongRoPESearchSpace.from_record(record)
 
 
-def best_factors(study: optuna.Study) -> RopeFactors:
-    """The factors of the study's best complete trial, with provenance in ``metadata``.
+def study_stage(study: optuna.Study) -> Stage | None:
+    """The earlier study a chained study was built on, as ``hpo.study.open_study`` recorded it."""
+    record = study.user_attrs.get("stage")
+    return Stage.from_record(record) if record else None
+
+
+def best_factors(study: optuna.Study, **metadata: Any) -> RopeFactors:
+    """The factors of the study's best complete trial, with provenance (and ``metadata``) in ``metadata``.
 
     For a chained study (a preset's ``[extend]``) these are its final factors: chained after the
     earlier study's for a longer stage, the short factors for a short stage.
@@ -59,17 +69,25 @@ def best_factors(study: optuna.Study) -> RopeFactors:
         raise StudyError(f"study {study.study_name!r} has no complete trial yet")
     best = study.best_trial
     found = recorded_search_space(study).to_factors(best.params)  # method is "longrope"
-    found = dataclasses.replace(
-        found, metadata={"study": study.study_name, "trial": best.number, "searched_perplexity": best.value})
-    stage = study.user_attrs.get("stage")
-    return Stage.from_record(stage).final_factors(found) if stage else found
+    found = dataclasses.replace(found, metadata={"study": study.study_name, "trial": best.number,
+                                                 "searched_perplexity": best.value, **metadata})
+    stage = study_stage(study)
+    return stage.final_factors(found) if stage else found
+
+
+def exported_factors(study: optuna.Study, **metadata: Any) -> tuple[RopeFactors, RopeFactors | None]:
+    """``(long factors, short factors or None)`` that the study's export carries: a short stage's are the
+    earlier study's long factors and its own best; any other study's are its best alone (:func:`best_factors`)."""
+    found = best_factors(study, **metadata)
+    stage = study_stage(study)
+    return (stage.factors, found) if stage and stage.mode == "short" else (found, None)
 
 
 def study_model(study: optuna.Study) -> str | None:
     """The model the study searched: a chained study's recorded model, else its preset's; None when unknown."""
-    stage = study.user_attrs.get("stage")
+    stage = study_stage(study)
     if stage:
-        return stage["model"]
+        return stage.model
     try:
         return load_preset(study.user_attrs.get("preset", study.study_name)).model.name
     except PresetError:
@@ -90,3 +108,31 @@ def study_factors(name: str, storage: str | None = None,
         return factors, factors.metadata.get("model")
     study = load_study(name, storage, out)
     return best_factors(study), study_model(study)
+
+
+def write_outputs(out_dir: Path, study: optuna.Study, preset: StudyPreset, geometry: RopeGeometry,
+                  rows: list[dict]) -> dict[str, Path]:
+    """``best_factors.json``, ``rope_parameters.json`` (for the model's RoPE ``geometry``) and
+    ``results.json`` (with the comparison ``rows``) in ``out_dir``."""
+    heldout = next((row.get("heldout") for row in rows if row["method"].startswith("longrope")), None)
+    stage = study_stage(study)
+    long_factors, short_factors = exported_factors(
+        study, model=stage.model if stage else preset.model.name, heldout_perplexity=heldout,
+        data=preset.data.source)
+    trials = study.get_trials(deepcopy=False)
+    summary = {
+        "study": study.study_name, "model": preset.model.name, "target_length": preset.target_length,
+        "extends": {"study": stage.from_study, "mode": stage.mode, "model": stage.model} if stage else None,
+        "trials": {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
+        "trial_time_s": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                           if t.datetime_complete and t.datetime_start),
+        "comparison": rows,
+    }
+    paths = {
+        "factors": (short_factors or long_factors).save(out_dir / "best_factors.json"),
+        "rope_parameters": write_rope_parameters(out_dir / "rope_parameters.json", long_factors, geometry,
+                                                 short_factors),
+        "results": out_dir / "results.json",
+    }
+    paths["results"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return paths

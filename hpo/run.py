@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hpo.cli import configure_logging
+from hpo.outputs import write_outputs
 from hpo.study import (
     BackendError,
     StorageError,
@@ -33,7 +34,6 @@ from hpo.study import (
     run_search,
     search_space_for,
     study_dir,
-    write_outputs,
 )
 from models.assets import AssetError
 from models.loading import ModelLoadError
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_search(study, storage, workload, space, preset, progress=not args.quiet)
         rows = compare_with_baselines(study, workload, space)
-        paths = write_outputs(out_dir, study, workload, space, preset, rows)
+        paths = write_outputs(out_dir, study, preset, workload.model_geometry, rows)
     except (PresetError, StorageError, BackendError, AssetError, ModelLoadError, FactorError, DataError,
             ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

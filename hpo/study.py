@@ -3,7 +3,7 @@
 The flow is linear: load the model once, cut the searched and held-out windows,
 open (or create) the study in its storage, enqueue the baseline seeds once, run
 trials until the study holds ``n_trials`` finished ones, then compare the best
-factors with none / PI / NTK / YaRN on both window sets and write the outputs.
+factors with none / PI / NTK / YaRN on both window sets; :mod:`hpo.outputs` writes the outputs.
 The Ray backend (:mod:`hpo.ray_backend`) replaces only the middle step.
 
 Every trial is claimed under a study-wide lock (:class:`TrialClaims`), so several
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import os
@@ -48,7 +47,6 @@ from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.sampler import LongRoPESampler, enqueue_seeds
 from hpo.search_space import LongRoPESearchSpace
 from models.baselines import baseline, critical_dimension
-from models.export import write_rope_parameters
 from models.loading import load_model
 from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
@@ -638,36 +636,3 @@ def format_comparison(rows: list[dict], preset: StudyPreset) -> str:
     for row in rows:
         lines.append(f"{row['method']:<{width}} | " + " | ".join(f"{row.get(s, math.nan):9.3f}" for s in splits))
     return "\n".join(lines)
-
-
-def write_outputs(out_dir: Path, study: optuna.Study, workload: Workload, space: LongRoPESearchSpace,
-                  preset: StudyPreset, rows: list[dict]) -> dict[str, Path]:
-    """``best_factors.json``, ``rope_parameters.json`` and ``results.json`` in ``out_dir``."""
-    best = study.best_trial
-    heldout = next((row.get("heldout") for row in rows if row["method"].startswith("longrope")), None)
-    stage = workload.stage
-    found = dataclasses.replace(
-        space.to_factors(best.params),
-        metadata={"study": study.study_name, "model": stage.model if stage else preset.model.name,
-                  "trial": best.number, "searched_perplexity": best.value, "heldout_perplexity": heldout,
-                  "data": preset.data.source},
-    )
-    factors = stage.final_factors(found) if stage else found
-    long_factors, short_factors = (stage.factors, factors) if stage and stage.mode == "short" else (factors, None)
-    trials = study.get_trials(deepcopy=False)
-    summary = {
-        "study": study.study_name, "model": preset.model.name, "target_length": preset.target_length,
-        "extends": {"study": stage.from_study, "mode": stage.mode, "model": stage.model} if stage else None,
-        "trials": {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
-        "trial_time_s": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
-                           if t.datetime_complete and t.datetime_start),
-        "comparison": rows,
-    }
-    paths = {
-        "factors": factors.save(out_dir / "best_factors.json"),
-        "rope_parameters": write_rope_parameters(out_dir / "rope_parameters.json", long_factors,
-                                                 workload.model_geometry, short_factors),
-        "results": out_dir / "results.json",
-    }
-    paths["results"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return paths
