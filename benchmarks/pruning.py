@@ -1,10 +1,11 @@
 """Benchmark: the LongRoPE search with and without multi-fidelity pruning, measured in one run.
 
-    python benchmarks/pruning.py --study smollm2_16k --samples 4 --n-trials 40     # full scale (about 10 h, 2-core CPU)
+    python benchmarks/pruning.py --study smollm2_16k --samples 5 --n-trials 40 --margin 0.01,0
     python benchmarks/pruning.py --study tiny --samples 6 --n-trials 40 --margin 0  # reduced: the mechanics only
 
-Runs the study twice on one loaded model with the same budget (finished trials), windows and
-seed: once measuring every trial on every window, once with :class:`hpo.pruning.ParentPruner`.
+Runs the study on one loaded model with the same budget (finished trials), windows and seed:
+once measuring every trial on every window, then once with :class:`hpo.pruning.ParentPruner`
+for each asked margin (the run without pruning is shared, so margins compare side by side).
 For each run it counts the full-length window evaluations (one searched window measured at the
 target length) and the trial wall time spent until the first trial at or below the best
 perplexity both runs reached, and prints the ratios (without / with pruning). A pruner that only
@@ -52,7 +53,8 @@ def trial_seconds(trial: FrozenTrial) -> float:
 
 def run_arm(preset: StudyPreset, workload, pruning: bool, out_dir: Path) -> Arm:
     preset = preset.replace(search__pruning=pruning)
-    database = out_dir / f"{preset.name}-{'pruning' if pruning else 'full'}.db"
+    label = f"pruning-{preset.search.pruning_margin:g}" if pruning else "full"
+    database = out_dir / f"{preset.name}-{label}.db"
     for stale in (database, Path(f"{database}.claims.lock")):  # every run starts a fresh study
         stale.unlink(missing_ok=True)
     storage = open_storage(f"sqlite:///{database}")
@@ -89,36 +91,12 @@ def cost_to_reach(arm: Arm, target: float, full_steps: set[int]) -> tuple[int, f
     raise AssertionError("the target is one of the two runs' best values, reached by both")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", default="smollm2_16k", help="preset name or .toml path")
-    parser.add_argument("--samples", type=int, default=4, help="searched windows (pruning needs several)")
-    parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
-    parser.add_argument("--seed", type=int, help="search seed (default: the preset's)")
-    parser.add_argument("--margin", type=float, help="pruning margin (default: the preset's)")
-    parser.add_argument("--prefixes", help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_pruning"), help="where the two studies go")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    prefixes = tuple(float(f) for f in args.prefixes.split(",")) if args.prefixes else None
-    preset = load_preset(args.study).replace(
-        data__samples=args.samples, data__heldout_samples=0, search__n_trials=args.n_trials, search__seed=args.seed,
-        search__pruning_margin=args.margin, search__pruning_prefixes=prefixes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    workload = load_workload(preset)
-    full, pruned = (run_arm(preset, workload, pruning, args.out) for pruning in (False, True))
-    full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
+def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[str, ...]], dict]:
+    """The table rows (without / with pruning / ratio) and the JSON figures of one pruned run against the full one."""
     target = max(full.best, pruned.best)  # the best perplexity both runs reached
     (full_evals, full_s, full_at), (pruned_evals, pruned_s, pruned_at) = (
         cost_to_reach(arm, target, full_steps) for arm in (full, pruned))
     same = sum(a.params == b.params for a, b in zip(full.trials, pruned.trials, strict=True))
-
-    search = preset.search
-    print(f"\n## Pruning: {preset.name}, {args.samples} windows of {preset.target_length:,} tokens, "
-          f"{search.n_trials} trials, seed {search.seed}, margin {search.pruning_margin}, "
-          f"prefix rungs {list(search.pruning_prefixes)}\n")
     rows = [
         ("best perplexity", f"{full.best:.4f}", f"{pruned.best:.4f}", ""),
         ("trials complete / pruned", f"{full.complete} / {full.pruned}", f"{pruned.complete} / {pruned.pruned}", ""),
@@ -133,15 +111,50 @@ def main() -> None:
          f"{full.wall_seconds / pruned.wall_seconds:.2f}x"),
         ("trials with the same factors", f"{same} of {len(full.trials)}", "", ""),
     ]
-    print("| | without pruning | with pruning | ratio |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    if args.json:
-        figures = {arm_name: {k: v for k, v in asdict(arm).items() if k != "trials"}
-                   for arm_name, arm in (("full", full), ("pruning", pruned))}
-        figures.update(target=target, to_target={"full": [full_evals, full_s], "pruning": [pruned_evals, pruned_s]},
-                       same_factors=same, preset=preset.name, samples=args.samples)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    figures = {"arm": {k: v for k, v in asdict(pruned).items() if k != "trials"}, "target": target,
+               "to_target": {"full": [full_evals, full_s], "pruning": [pruned_evals, pruned_s]},
+               "same_factors": same}
+    return rows, figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="smollm2_16k", help="preset name or .toml path")
+    parser.add_argument("--samples", type=int, default=5, help="searched windows (pruning needs several)")
+    parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
+    parser.add_argument("--seed", type=int, help="search seed (default: the preset's)")
+    parser.add_argument("--margin", help="pruning margin(s), comma-separated: one pruned run each "
+                                         "(default: the preset's)")
+    parser.add_argument("--prefixes", help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_pruning"), help="where the studies go")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    prefixes = tuple(float(f) for f in args.prefixes.split(",")) if args.prefixes else None
+    preset = load_preset(args.study).replace(
+        data__samples=args.samples, data__heldout_samples=0, search__n_trials=args.n_trials, search__seed=args.seed,
+        search__pruning_prefixes=prefixes)
+    margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
+    args.out.mkdir(parents=True, exist_ok=True)
+    workload = load_workload(preset)
+    full = run_arm(preset, workload, False, args.out)
+    full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
+    search = preset.search
+    figures = {"preset": preset.name, "samples": args.samples, "n_trials": search.n_trials, "seed": search.seed,
+               "full": {k: v for k, v in asdict(full).items() if k != "trials"}, "pruning": []}
+    for margin in margins:
+        pruned = run_arm(preset.replace(search__pruning_margin=margin), workload, True, args.out)
+        rows, arm_figures = compare(full, pruned, full_steps)
+        figures["pruning"].append(arm_figures)
+        print(f"\n## Pruning: {preset.name}, {args.samples} windows of {preset.target_length:,} tokens, "
+              f"{search.n_trials} trials, seed {search.seed}, margin {margin}, "
+              f"prefix rungs {list(search.pruning_prefixes)}\n")
+        print("| | without pruning | with pruning | ratio |\n|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        if args.json:  # after every arm: a stopped benchmark keeps what it measured
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
     python -m hpo.evaluate --study smollm2_16k [--out runs/smollm2_16k | --storage URL] \\
         --tasks ppl,passkey,needle-ppl --lengths 8192,16384 --samples 2 --seed 0
 
-Candidates are the baselines of ``--methods``, each ``--factors`` file, and with
-``--study`` the best factors of that study (read from its storage, or from
+Candidates are the baselines of ``--methods`` (and ``config``: the model's own RoPE,
+unpatched, so an exported ``longrope`` model is measured as stock transformers runs it,
+short factors within its original window and long ones beyond), each ``--factors`` file,
+and with ``--study`` the best factors of that study (read from its storage, or from
 ``DIR/best_factors.json`` when the directory has no ``study.db``). Tasks:
 
 - ``ppl``: perplexity of ``samples`` windows of each length (or a sliding window);
@@ -27,6 +29,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +52,7 @@ from objectives.perplexity import PerplexityResult, perplexity, sliding_window_p
 logger = logging.getLogger(__name__)
 
 TASKS = ("ppl", "passkey", "needle-ppl")
+CONFIG_METHOD = "config"  # no patch: the RoPE the model's config defines
 DEFAULT_LENGTHS = [8192, 16384]
 RESULT_COLUMNS = ("method", "task", "length", "depth", "perplexity", "accuracy", "seconds", "tokens", "windows")
 
@@ -164,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"short name, hub id, local model directory or .gguf file "
                              f"(default: the study's model, else {DEFAULT_MODEL})")
     parser.add_argument("--methods", default="none,pi,ntk,yarn",
-                        help=f"comma-separated baselines among {', '.join(BASELINES)} (may be empty)")
+                        help=f"comma-separated baselines among {', '.join(BASELINES)}, or {CONFIG_METHOD} "
+                             "(the model's own RoPE, e.g. an exported longrope model's short/long switch); "
+                             "may be empty")
     parser.add_argument("--factors", action="append", default=[], metavar="FILE",
                         help="a factor file (JSON) to evaluate as one more method; repeatable")
     parser.add_argument("--study", default=None, metavar="NAME",
@@ -216,7 +222,7 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
 
     ``args.model`` is set to the model actually loaded, so callers can record it.
     """
-    methods = _names(args.methods, BASELINES, "method")
+    methods = _names(args.methods, [*BASELINES, CONFIG_METHOD], "method")
     tasks = _names(args.tasks, TASKS, "task")
     if not tasks:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
@@ -237,12 +243,13 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
     bar = tqdm(total=len(lengths) * len(tasks) * (len(methods) + len(extra)), desc="evaluations", unit="eval",
                disable=args.no_progress)
     for length in lengths:
-        candidates = [(name, baseline(name, geometry, length)) for name in methods] + extra
+        candidates = [(name, None if name == CONFIG_METHOD else baseline(name, geometry, length))
+                      for name in methods] + extra
         for task in tasks:
             measure = TASK_BUILDERS[task](args, model, tokenizer, length)
             for name, factors in candidates:
                 bar.set_postfix_str(f"{name} {task}@{length}")
-                with patched(model, factors):
+                with patched(model, factors) if factors else nullcontext():
                     new_rows = measure(name)
                 for row in new_rows:
                     logger.info("%s", describe(row))

@@ -119,21 +119,50 @@ def test_short_stage_recovers_the_original_window_and_exports_both(first_stage, 
     assert best["searched"] <= rows["none"]["searched"] and best["searched"] <= rows["tiny long factors"]["searched"]
 
 
-def test_exported_model_switches_factors_by_input_length(first_stage, short_stage, tmp_path):
+@pytest.fixture(scope="module")
+def exported(short_stage, tmp_path_factory):
+    """The short study exported by `python -m hpo.export`: the model with long and short factors."""
+    model_dir = tmp_path_factory.mktemp("exported") / "model"
     done = subprocess.run([sys.executable, "-m", "hpo.export", "--study", "tiny_short", "--out", str(short_stage),
-                           "--to", str(tmp_path / "model")], capture_output=True, text=True, timeout=300)
+                           "--to", str(model_dir)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="eager").eval()
+    return model_dir
+
+
+def without_start_tokens(path):
+    """The factors of a factor file as an exported config carries them: configs have no n_hat."""
+    return dataclasses.replace(RopeFactors.load(path), start_tokens=0)
+
+
+def test_exported_model_switches_factors_by_input_length(first_stage, short_stage, exported):
+    model = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
     ours, _ = load_model("tiny-random-llama", dtype="float32", attn_implementation="eager")
-    long_factors = RopeFactors.load(first_stage / "best_factors.json")
-    short_factors = RopeFactors.load(short_stage / "best_factors.json")
-    tokens = torch.randint(0, exported.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
+    long_factors = without_start_tokens(first_stage / "best_factors.json")
+    short_factors = without_start_tokens(short_stage / "best_factors.json")
+    tokens = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
     for length, factors in ((100, short_factors), (200, long_factors)):  # the window is 128
-        with torch.no_grad(), patched(ours, dataclasses.replace(factors, start_tokens=0)):  # configs have no n_hat
+        with torch.no_grad(), patched(ours, factors):
             expected = ours(tokens[:, :length]).logits
         with torch.no_grad():
-            got = exported(tokens[:, :length]).logits
+            got = model(tokens[:, :length]).logits
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluating_the_exported_model_as_configured(first_stage, short_stage, exported, tmp_path):
+    """`hpo.evaluate --methods config` measures the export as stock transformers runs it: short factors within
+    the window, long ones beyond; the other candidates are patched over it and restored."""
+    files = []
+    for name, path in (("short", short_stage), ("long", first_stage)):
+        files += ["--factors", str(without_start_tokens(path / "best_factors.json").save(tmp_path / f"{name}.json"))]
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-m", "hpo.evaluate", "--model", str(exported), "--methods", "config,none",
+                           *files, "--lengths", "128,256", "--dtype", "float32", "--attn", "eager", "--json", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ppl = {(row["method"], row["length"]): row["perplexity"] for row in json.loads(out.read_text())["results"]}
+    assert ppl["config", 128] == pytest.approx(ppl["short", 128], rel=1e-5)
+    assert ppl["config", 256] == pytest.approx(ppl["long", 256], rel=1e-5)
+    assert ppl["config", 256] != pytest.approx(ppl["none", 256], rel=1e-5)
 
 
 def test_search_finetune_search_finetune(first_stage, tmp_path):
