@@ -2,6 +2,7 @@
 
     python benchmarks/pruning.py --study smollm2_16k --samples 5 --n-trials 40 --margin 0.01,0
     python benchmarks/pruning.py --study tiny --samples 6 --n-trials 40 --margin 0  # reduced: the mechanics only
+    python benchmarks/pruning.py --replay runs/bench_pruning/smollm2_16k-full.db --margin 0.01,0 --rank 6,1
 
 Runs the study on one loaded model with the same budget (finished trials), windows and seed:
 once measuring every trial on every window, then once with :class:`hpo.pruning.ParentPruner`
@@ -11,11 +12,18 @@ target length) and the trial wall time spent until the first trial at or below t
 perplexity both runs reached, and prints the ratios (without / with pruning). A pruner that only
 stops trials worse than every parent leaves the search itself unchanged unless a pruned trial
 would have become a parent, so the table also says how many trials proposed the same factors.
+
+``--replay DB`` spends no evaluation: it feeds a finished run without pruning, trial by trial and
+window by window, to :class:`hpo.pruning.ParentPruner` (at each margin, and at each ``--rank``: the
+rank a running value must stay within; the study's parent count is the pruner's contract) and
+counts what it would have pruned. The replayed run proposes the same trials as long as no pruned
+trial was a parent of a later one; the table says from which trial on that no longer holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +32,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.pruning import ParentPruner
+from hpo.sampler import PARENTS_KEY
 from hpo.study import load_workload, open_storage, open_study, run_search, search_space_for
 from studies import StudyPreset, load_preset
 
@@ -117,6 +127,55 @@ def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[st
     return rows, figures
 
 
+def replay(full: list[FrozenTrial], pruner: ParentPruner) -> tuple[list[FrozenTrial], int | None]:
+    """``full``'s trials as ``pruner`` would have cut them, and the first trial bred from a pruned one (or ``None``).
+
+    Every trial of ``full`` reported every step (a run without pruning); the replay asks, reports
+    and tells them in trial order on an in-memory study, as the local backend does.
+    """
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(), pruner=pruner)
+    pruned, diverged = set(), None
+    for trial in full:
+        if diverged is None and pruned.intersection(trial.system_attrs.get(PARENTS_KEY, ())):
+            diverged = trial.number
+        asked = study.ask()
+        for step, value in sorted(trial.intermediate_values.items()):
+            asked.report(value, step)
+            if asked.should_prune():
+                pruned.add(trial.number)
+                study.tell(asked, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(asked, trial.value)
+    return study.trials, diverged
+
+
+def print_replays(database: Path, margins: list[float], ranks: list[int]) -> None:
+    """The replay table of a finished run without pruning, one row per rank and margin."""
+    storage = f"sqlite:///{database}"
+    name = optuna.get_all_study_names(storage)[0]
+    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    if any(t.state != TrialState.COMPLETE for t in trials):
+        raise SystemExit(f"{database}: a replay needs a run without pruning, every trial complete")
+    steps = set(trials[0].intermediate_values)  # full windows only: the run had no prefix rungs to skip
+    best = min(trials, key=lambda t: t.value)
+    to_best = sum(len(t.intermediate_values) for t in trials[: best.number + 1])
+    total = sum(len(t.intermediate_values) for t in trials)
+    print(f"\n## Replay of {name}: {len(trials)} trials x {len(steps)} windows, best {best.value:.4f} "
+          f"(trial {best.number}, {to_best} window evaluations; {total} for the whole run)\n")
+    print("| rank | margin | pruned | window evaluations to the best | whole run | "
+          "first trial bred from a pruned one |\n|---|---|---|---|---|---|")
+    for rank, margin in itertools.product(ranks, margins):
+        replayed, diverged = replay(trials, ParentPruner(rank, margin))
+        kept = replayed[best.number].state == TrialState.COMPLETE
+        spent = sum(len(t.intermediate_values) for t in replayed[: best.number + 1])
+        whole = sum(len(t.intermediate_values) for t in replayed)
+        pruned = sum(t.state == TrialState.PRUNED for t in replayed)
+        to_best_cell = f"{spent} ({to_best / spent:.2f}x)" if kept else "best trial pruned"
+        print(f"| {rank} | {margin:g} | {pruned} | {to_best_cell} | {whole} ({total / whole:.2f}x) | "
+              f"{'none' if diverged is None else diverged} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="smollm2_16k", help="preset name or .toml path")
@@ -128,8 +187,18 @@ def main() -> None:
     parser.add_argument("--prefixes", help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_pruning"), help="where the studies go")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--replay", type=Path, metavar="DB",
+                        help="replay this finished run without pruning (a benchmark's *-full.db) instead of running")
+    parser.add_argument("--rank", help="with --replay: ranks a running value must stay within, comma-separated "
+                                       "(default: the study's parent count)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.replay:
+        preset = load_preset(args.study)
+        margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
+        ranks = [int(r) for r in args.rank.split(",")] if args.rank else [preset.search.parents]
+        print_replays(args.replay, margins, ranks)
+        return
 
     prefixes = tuple(float(f) for f in args.prefixes.split(",")) if args.prefixes else None
     preset = load_preset(args.study).replace(

@@ -335,7 +335,7 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
                        "with batch_size > 1 or short rows, documents in a row attend to each other")
 
     if tune.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if tune.lora:
         model = add_lora(model, tune.lora_rank, tune.lora_alpha)
     optimizer = torch.optim.AdamW(parameter_groups(model, tune.weight_decay), lr=tune.learning_rate)
