@@ -98,7 +98,8 @@ class ParentPruner(BasePruner):
 
     def reference(self, study: optuna.Study, step: int) -> float | None:
         """The ``num_parents``-th best complete value at ``step``, or ``None`` with too few complete trials."""
-        complete = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)
+        # Not the per-ask trial cache: a trial runs for minutes while other workers complete theirs.
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         values = sorted(t.intermediate_values[step] for t in complete if step in t.intermediate_values)
         if study.direction == StudyDirection.MAXIMIZE:
             values.reverse()

@@ -8,7 +8,7 @@ import sys
 import optuna
 import pytest
 
-from hpo.pruning import FidelityStep, fidelity_schedule
+from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
 from hpo.study import load_workload
 from models.baselines import yarn
@@ -129,3 +129,19 @@ def test_no_pruning_measures_every_window(tmp_path):
     study = run_study(tmp_path, "--no-pruning", "--n-trials", "10")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 10
     assert all(sorted(t.intermediate_values) == FULL_STEPS for t in study.trials)  # no prefix rung either
+
+
+def test_the_pruner_sees_trials_that_other_workers_completed_while_a_trial_ran():
+    storage = optuna.storages.InMemoryStorage()
+    pruner = ParentPruner(num_parents=2, margin=0.0)
+    mine = optuna.create_study(storage=storage, study_name="shared", pruner=pruner)
+    theirs = optuna.load_study(storage=storage, study_name="shared", pruner=pruner)
+    running = mine.ask()
+    running.report(5.0, step=1)
+    assert not running.should_prune()  # no complete trial yet
+    for value in (1.0, 2.0):  # another worker completes two trials meanwhile
+        trial = theirs.ask()
+        trial.report(value, step=2)
+        theirs.tell(trial, value)
+    running.report(3.0, step=2)
+    assert running.should_prune()
