@@ -17,7 +17,7 @@ would have become a parent, so the table also says how many trials proposed the 
 window by window, to :class:`hpo.pruning.ParentPruner` (at each margin, and at each ``--rank``: the
 rank a running value must stay within; the study's parent count is the pruner's contract) and
 counts what it would have pruned. The replayed run proposes the same trials as long as no pruned
-trial was a parent of a later one; the table says from which trial on that no longer holds.
+trial was in a parent set; the table says from which trial on that no longer holds.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.pruning import ParentPruner
-from hpo.sampler import PARENTS_KEY
+from hpo.sampler import LongRoPESampler
 from hpo.study import load_workload, open_storage, open_study, run_search, search_space_for
 from studies import StudyPreset, load_preset
 
@@ -127,16 +127,26 @@ def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[st
     return rows, figures
 
 
-def replay(full: list[FrozenTrial], pruner: ParentPruner) -> tuple[list[FrozenTrial], int | None]:
-    """``full``'s trials as ``pruner`` would have cut them, and the first trial bred from a pruned one (or ``None``).
+def replay(full: optuna.Study, pruner: ParentPruner) -> tuple[list[FrozenTrial], int | None]:
+    """``full``'s trials as ``pruner`` would have cut them, and where the replay stops being exact.
 
-    Every trial of ``full`` reported every step (a run without pruning); the replay asks, reports
-    and tells them in trial order on an in-memory study, as the local backend does.
+    ``full`` is a finished run without pruning (every trial reported every step); the replay asks,
+    reports and tells its trials in trial order on an in-memory study, as the local backend does.
+    A run with the pruner proposes the same trials until a generation's parent set (kept in the
+    storage by the sampler) holds a trial the pruner stopped: the second value is the first trial
+    of that generation, or ``None`` when no parent set does.
     """
+    trials = sorted(full.trials, key=lambda t: t.number)
+    number_of = {t._trial_id: t.number for t in trials}
+    prefix = LongRoPESampler._get_parent_cache_key_prefix()
+    parent_sets = {int(key.removeprefix(prefix)): {number_of[i] for i in ids}
+                   for key, ids in full._storage.get_study_system_attrs(full._study_id).items()
+                   if key.startswith(prefix)}
+    generation_key = LongRoPESampler._get_generation_key()
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.RandomSampler(), pruner=pruner)
     pruned, diverged = set(), None
-    for trial in full:
-        if diverged is None and pruned.intersection(trial.system_attrs.get(PARENTS_KEY, ())):
+    for trial in trials:
+        if diverged is None and pruned & parent_sets.get(trial.system_attrs.get(generation_key), set()):
             diverged = trial.number
         asked = study.ask()
         for step, value in sorted(trial.intermediate_values.items()):
@@ -154,7 +164,8 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
     """The replay table of a finished run without pruning, one row per rank and margin."""
     storage = f"sqlite:///{database}"
     name = optuna.get_all_study_names(storage)[0]
-    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    full = optuna.load_study(study_name=name, storage=storage)
+    trials = sorted(full.trials, key=lambda t: t.number)
     if any(t.state != TrialState.COMPLETE for t in trials):
         raise SystemExit(f"{database}: a replay needs a run without pruning, every trial complete")
     steps = set(trials[0].intermediate_values)  # full windows only: the run had no prefix rungs to skip
@@ -164,16 +175,16 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
     print(f"\n## Replay of {name}: {len(trials)} trials x {len(steps)} windows, best {best.value:.4f} "
           f"(trial {best.number}, {to_best} window evaluations; {total} for the whole run)\n")
     print("| rank | margin | pruned | window evaluations to the best | whole run | "
-          "first trial bred from a pruned one |\n|---|---|---|---|---|---|")
+          "exact until trial |\n|---|---|---|---|---|---|")
     for rank, margin in itertools.product(ranks, margins):
-        replayed, diverged = replay(trials, ParentPruner(rank, margin))
+        replayed, diverged = replay(full, ParentPruner(rank, margin))
         kept = replayed[best.number].state == TrialState.COMPLETE
         spent = sum(len(t.intermediate_values) for t in replayed[: best.number + 1])
         whole = sum(len(t.intermediate_values) for t in replayed)
         pruned = sum(t.state == TrialState.PRUNED for t in replayed)
         to_best_cell = f"{spent} ({to_best / spent:.2f}x)" if kept else "best trial pruned"
         print(f"| {rank} | {margin:g} | {pruned} | {to_best_cell} | {whole} ({total / whole:.2f}x) | "
-              f"{'none' if diverged is None else diverged} |")
+              f"{'the end' if diverged is None else diverged} |")
 
 
 def main() -> None:
@@ -193,18 +204,17 @@ def main() -> None:
                                        "(default: the study's parent count)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    preset = load_preset(args.study)
+    margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
     if args.replay:
-        preset = load_preset(args.study)
-        margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
         ranks = [int(r) for r in args.rank.split(",")] if args.rank else [preset.search.parents]
         print_replays(args.replay, margins, ranks)
         return
 
     prefixes = tuple(float(f) for f in args.prefixes.split(",")) if args.prefixes else None
-    preset = load_preset(args.study).replace(
+    preset = preset.replace(
         data__samples=args.samples, data__heldout_samples=0, search__n_trials=args.n_trials, search__seed=args.seed,
         search__pruning_prefixes=prefixes)
-    margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
     args.out.mkdir(parents=True, exist_ok=True)
     workload = load_workload(preset)
     full = run_arm(preset, workload, False, args.out)

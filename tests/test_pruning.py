@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -42,9 +44,9 @@ FULL_STEPS = [256, 512, 768]
 ALL_STEPS = [128, *FULL_STEPS]
 
 
-def run_study(tmp_path, *extra: str) -> optuna.Study:
+def run_study(tmp_path, *extra: str, preset_text: str = PRESET) -> optuna.Study:
     preset = tmp_path / "tiny_pruning.toml"
-    preset.write_text(PRESET)
+    preset.write_text(preset_text)
     result = subprocess.run([sys.executable, "-m", "hpo.run", "--study", str(preset), "--out", str(tmp_path),
                              "--quiet", *extra], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -145,3 +147,23 @@ def test_the_pruner_sees_trials_that_other_workers_completed_while_a_trial_ran()
         theirs.tell(trial, value)
     running.report(3.0, step=2)
     assert running.should_prune()
+
+
+def test_a_replay_prunes_what_a_live_run_prunes_until_a_parent_set_differs(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "bench_pruning", Path(__file__).parents[1] / "benchmarks" / "pruning.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    windows_only = PRESET.replace("pruning_prefixes = [0.5]\n", "")  # a run without pruning has no rungs
+    (tmp_path / "full").mkdir()
+    (tmp_path / "live").mkdir()
+    full = run_study(tmp_path / "full", "--no-pruning", preset_text=windows_only)
+    live = run_study(tmp_path / "live", preset_text=windows_only)
+    replayed, exact_until = bench.replay(full, ParentPruner(num_parents=3, margin=0.0))
+    exact = slice(0, exact_until)
+    assert [t.params for t in live.trials[exact]] == [t.params for t in full.trials[exact]]
+    assert [t.state for t in replayed[exact]] == [t.state for t in live.trials[exact]]
+    assert [sorted(t.intermediate_values) for t in replayed[exact]] == [
+        sorted(t.intermediate_values) for t in live.trials[exact]]
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in replayed[exact])
