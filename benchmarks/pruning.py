@@ -170,8 +170,8 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
         raise SystemExit(f"{database}: a replay needs a run without pruning, every trial complete")
     steps = set(trials[0].intermediate_values)  # full windows only: the run had no prefix rungs to skip
     best = min(trials, key=lambda t: t.value)
-    to_best = sum(len(t.intermediate_values) for t in trials[: best.number + 1])
-    total = sum(len(t.intermediate_values) for t in trials)
+    to_best = sum(full_evaluations(t, steps) for t in trials[: best.number + 1])
+    total = sum(full_evaluations(t, steps) for t in trials)
     print(f"\n## Replay of {name}: {len(trials)} trials x {len(steps)} windows, best {best.value:.4f} "
           f"(trial {best.number}, {to_best} window evaluations; {total} for the whole run)\n")
     print("| rank | margin | pruned | window evaluations to the best | whole run | "
@@ -179,8 +179,8 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
     for rank, margin in itertools.product(ranks, margins):
         replayed, diverged = replay(full, ParentPruner(rank, margin))
         kept = replayed[best.number].state == TrialState.COMPLETE
-        spent = sum(len(t.intermediate_values) for t in replayed[: best.number + 1])
-        whole = sum(len(t.intermediate_values) for t in replayed)
+        spent = sum(full_evaluations(t, steps) for t in replayed[: best.number + 1])
+        whole = sum(full_evaluations(t, steps) for t in replayed)
         pruned = sum(t.state == TrialState.PRUNED for t in replayed)
         to_best_cell = f"{spent} ({to_best / spent:.2f}x)" if kept else "best trial pruned"
         print(f"| {rank} | {margin:g} | {pruned} | {to_best_cell} | {whole} ({total / whole:.2f}x) | "
