@@ -1,23 +1,25 @@
 """Benchmark: the LongRoPE search with and without multi-fidelity pruning, measured in one run.
 
     python benchmarks/pruning.py --study smollm2_16k --samples 5 --n-trials 40 --margin 0.01,0
+    python benchmarks/pruning.py --study smollm2_16k --samples 5 --n-trials 40 --margin 0 --rank 1 --reuse
     python benchmarks/pruning.py --study tiny --samples 6 --n-trials 40 --margin 0  # reduced: the mechanics only
     python benchmarks/pruning.py --replay runs/bench_pruning/smollm2_16k-full.db --margin 0.01,0 --rank 6,1
 
 Runs the study on one loaded model with the same budget (finished trials), windows and seed:
 once measuring every trial on every window, then once with :class:`hpo.pruning.ParentPruner`
-for each asked margin (the run without pruning is shared, so margins compare side by side).
+for each asked rank and margin (the run without pruning is shared, so they compare side by side;
+``--reuse`` resumes the runs already in ``--out`` instead, so a finished one is not run again).
 For each run it counts the full-length window evaluations (one searched window measured at the
 target length) and the trial wall time spent until the first trial at or below the best
-perplexity both runs reached, and prints the ratios (without / with pruning). A pruner that only
-stops trials worse than every parent leaves the search itself unchanged unless a pruned trial
-would have become a parent, so the table also says how many trials proposed the same factors.
+perplexity both runs reached, and prints the ratios (without / with pruning). A pruner at the
+study's parent count only stops trials behind every parent, which leaves the search itself
+unchanged unless a pruned trial would have become a parent; a smaller rank prunes more and
+changes the search, so the table also says how many trials proposed the same factors.
 
 ``--replay DB`` spends no evaluation: it feeds a finished run without pruning, trial by trial and
-window by window, to :class:`hpo.pruning.ParentPruner` (at each margin, and at each ``--rank``: the
-rank a running value must stay within; the study's parent count is the pruner's contract) and
-counts what it would have pruned. The replayed run proposes the same trials as long as no pruned
-trial was in a parent set; the table says from which trial on that no longer holds.
+window by window, to :class:`hpo.pruning.ParentPruner` (at each rank and margin) and counts what
+it would have pruned. The replayed run proposes the same trials as long as no pruned trial was in
+a parent set; the table says from which trial on that no longer holds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,31 +62,34 @@ def trial_seconds(trial: FrozenTrial) -> float:
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
-def run_arm(preset: StudyPreset, workload, pruning: bool, out_dir: Path) -> Arm:
-    preset = preset.replace(search__pruning=pruning)
-    label = f"pruning-{preset.search.pruning_margin:g}" if pruning else "full"
+def run_arm(preset: StudyPreset, workload, out_dir: Path, reuse: bool = False) -> Arm:
+    """Run ``preset``'s study in a fresh SQLite file (with ``reuse``: resume the file there) and count its cost."""
+    search = preset.search
+    label = f"pruning-{search.pruning_margin:g}" if search.pruning else "full"
+    if search.pruning and search.pruning_rank is not None:
+        label += f"-rank{search.pruning_rank}"
     database = out_dir / f"{preset.name}-{label}.db"
-    for stale in (database, Path(f"{database}.claims.lock")):  # every run starts a fresh study
-        stale.unlink(missing_ok=True)
+    if not reuse:  # every run starts a fresh study
+        for stale in (database, Path(f"{database}.claims.lock")):
+            stale.unlink(missing_ok=True)
     storage = open_storage(f"sqlite:///{database}")
     space = search_space_for(preset, workload)
     study = open_study(preset, storage, space)
-    started = time.perf_counter()
-    run_search(study, storage, workload, space, preset)
-    wall = time.perf_counter() - started
-    schedule = workload.schedule(preset.search)
+    run_search(study, storage, workload, space, preset)  # resumes a reused study; nothing to do when it is finished
+    schedule = workload.schedule(search)
     full_steps = {step.step for step in schedule if not step.prefix}
     prefix_share = {step.step: step.tokens / workload.windows[0].numel() for step in schedule if step.prefix}
     trials = study.trials
     return Arm(
-        pruning=pruning,
+        pruning=search.pruning,
         best=study.best_value,
         complete=sum(t.state == TrialState.COMPLETE for t in trials),
         pruned=sum(t.state == TrialState.PRUNED for t in trials),
         full_evaluations=sum(full_evaluations(t, full_steps) for t in trials),
         prefix_evaluations=sum(prefix_share.get(step, 0.0) for t in trials for step in t.intermediate_values),
         trial_seconds=sum(trial_seconds(t) for t in trials),
-        wall_seconds=wall,
+        # From the trials' own times, so that a reused run counts the same way as a fresh one.
+        wall_seconds=(max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds(),
         trials=trials,
     )
 
@@ -200,14 +204,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--replay", type=Path, metavar="DB",
                         help="replay this finished run without pruning (a benchmark's *-full.db) instead of running")
-    parser.add_argument("--rank", help="with --replay: ranks a running value must stay within, comma-separated "
-                                       "(default: the study's parent count)")
+    parser.add_argument("--rank", help="ranks a running value must stay within, comma-separated: one pruned run "
+                                       "(or replay) per rank and margin (default: the study's parent count)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="resume the runs already in --out (a finished one is read, not run again) instead "
+                             "of starting fresh: to add arms to an earlier benchmark on the same machine")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     preset = load_preset(args.study)
     margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
+    ranks = [int(r) for r in args.rank.split(",")] if args.rank else [preset.search.parents]
     if args.replay:
-        ranks = [int(r) for r in args.rank.split(",")] if args.rank else [preset.search.parents]
         print_replays(args.replay, margins, ranks)
         return
 
@@ -217,18 +224,20 @@ def main() -> None:
         search__pruning_prefixes=prefixes)
     args.out.mkdir(parents=True, exist_ok=True)
     workload = load_workload(preset)
-    full = run_arm(preset, workload, False, args.out)
+    full = run_arm(preset.replace(search__pruning=False), workload, args.out, args.reuse)
     full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
     search = preset.search
     figures = {"preset": preset.name, "samples": args.samples, "n_trials": search.n_trials, "seed": search.seed,
                "full": {k: v for k, v in asdict(full).items() if k != "trials"}, "pruning": []}
-    for margin in margins:
-        pruned = run_arm(preset.replace(search__pruning_margin=margin), workload, True, args.out)
+    for rank, margin in itertools.product(ranks, margins):
+        arm_preset = preset.replace(search__pruning=True, search__pruning_margin=margin,
+                                    search__pruning_rank=None if rank == search.parents else rank)
+        pruned = run_arm(arm_preset, workload, args.out, args.reuse)
         rows, arm_figures = compare(full, pruned, full_steps)
-        figures["pruning"].append(arm_figures)
+        figures["pruning"].append({"rank": rank, "margin": margin, **arm_figures})
         print(f"\n## Pruning: {preset.name}, {args.samples} windows of {preset.target_length:,} tokens, "
-              f"{search.n_trials} trials, seed {search.seed}, margin {margin}, "
-              f"prefix rungs {list(search.pruning_prefixes)}\n")
+              f"{search.n_trials} trials, seed {search.seed}, rank {rank} of {search.parents} parents, "
+              f"margin {margin}, prefix rungs {list(search.pruning_prefixes)}\n")
         print("| | without pruning | with pruning | ratio |\n|---|---|---|---|")
         for row in rows:
             print("| " + " | ".join(row) + " |")

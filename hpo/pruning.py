@@ -9,9 +9,10 @@ step means the same text for every trial of the study, whatever schedule each on
 :class:`ParentPruner` compares that running value with the complete trials at the same step: the
 parents of every generation are the best complete trials so far, so a trial behind the
 ``num_parents``-th best of them would not become a parent of any later generation (that bar only
-rises): stopping it early loses nothing the evolutionary search would have used. The local backend asks the pruner
-after each step; the Ray backend asks it from a Tune scheduler (:mod:`hpo.ray_backend`), so both
-take the same decisions.
+rises): stopping it early loses nothing the evolutionary search would have used. A stricter rank
+(compare with fewer than ``num_parents`` trials) trades that guarantee for fewer evaluations.
+The local backend asks the pruner after each step; the Ray backend asks it from a Tune scheduler
+(:mod:`hpo.ray_backend`), so both take the same decisions.
 """
 
 from __future__ import annotations
@@ -58,38 +59,41 @@ def fidelity_schedule(window_lengths: Sequence[int], prefixes: Sequence[float] =
 
 
 class ParentPruner(BasePruner):
-    """Prune a trial whose running value could not make it into the parent set, by a margin.
+    """Prune a trial whose running value could not make it into the best ``rank`` trials, by a margin.
 
     Contract (single-objective studies run by a :class:`~optuna.samplers.BaseGASampler` whose
     parents are the best ``num_parents`` complete trials, as :class:`hpo.sampler.LongRoPESampler`):
 
-    - At the trial's last reported step ``s``, the reference is the ``num_parents``-th best value at
+    - At the trial's last reported step ``s``, the reference is the ``rank``-th best value at
       ``s`` among the complete trials of the study that reported ``s`` (any generation: trials
-      evaluated under another schedule may lack the step). With fewer than ``num_parents`` such
-      trials the trial goes on, so the first parents of a study are always measured in full.
+      evaluated under another schedule may lack the step). With fewer than ``rank`` such
+      trials the trial goes on, so the first ``rank`` trials of a study are always measured in full.
     - The trial is pruned when its value at ``s`` is worse than the reference by more than
       ``margin``, relative: above ``(1 + margin) * reference`` when minimizing, below
       ``(1 - margin) * reference`` when maximizing (values are perplexities, so positive).
 
-    Complete trials only accumulate, so the ``num_parents``-th best only improves: a trial behind
-    it now (judged by its running value) would not be a parent of this or any later generation.
-    Generation 0 is pruned too, once ``num_parents`` trials are complete.
+    With ``rank = num_parents`` the search is unchanged as long as running values rank trials as
+    their final values do: complete trials only accumulate, so the ``num_parents``-th best only
+    improves, and a trial behind it now would not be a parent of this or any later generation.
+    A smaller ``rank`` prunes more (generation 0 too, once ``rank`` trials are complete) but may
+    stop a trial that would have been a parent, so the search then breeds from other trials.
 
     The pruner reads everything from the storage, so any process sharing the study takes the same
     decision. Pruned trials keep their reported values (Optuna records the last one as the trial's
     value) and are never parents: the sampler only breeds from complete trials.
 
     Args:
-        num_parents: how many best complete trials breed each generation (the sampler's).
+        rank: how many complete trials a running value is compared with: the sampler's parent count
+            to keep the search as it is, fewer to prune more (>= 1).
         margin: how much worse than the reference a running value must be, as a fraction (>= 0).
     """
 
-    def __init__(self, num_parents: int, margin: float = 0.01) -> None:
-        if num_parents < 1:
-            raise ValueError(f"num_parents must be >= 1, got {num_parents}")
+    def __init__(self, rank: int, margin: float = 0.01) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        self._num_parents = num_parents
+        self._rank = rank
         self._margin = margin
 
     @property
@@ -97,13 +101,13 @@ class ParentPruner(BasePruner):
         return self._margin
 
     def reference(self, study: optuna.Study, step: int) -> float | None:
-        """The ``num_parents``-th best complete value at ``step``, or ``None`` with too few complete trials."""
+        """The ``rank``-th best complete value at ``step``, or ``None`` with too few complete trials."""
         # Not the per-ask trial cache: a trial runs for minutes while other workers complete theirs.
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         values = sorted(t.intermediate_values[step] for t in complete if step in t.intermediate_values)
         if study.direction == StudyDirection.MAXIMIZE:
             values.reverse()
-        return values[self._num_parents - 1] if len(values) >= self._num_parents else None
+        return values[self._rank - 1] if len(values) >= self._rank else None
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step

@@ -321,7 +321,10 @@ def sampler_for(preset: StudyPreset, space: LongRoPESearchSpace) -> LongRoPESamp
 
 def pruner_for(preset: StudyPreset) -> optuna.pruners.BasePruner:
     search = preset.search
-    return ParentPruner(search.parents, search.pruning_margin) if search.pruning else optuna.pruners.NopPruner()
+    if not search.pruning:
+        return optuna.pruners.NopPruner()
+    rank = search.parents if search.pruning_rank is None else search.pruning_rank
+    return ParentPruner(rank, search.pruning_margin)
 
 
 def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace,

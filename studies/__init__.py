@@ -70,7 +70,8 @@ class SearchSpec:
     # Multi-fidelity pruning (hpo/pruning.py): a trial is measured window by window and stopped once its
     # running perplexity is behind the `parents` best complete trials at the same step by more than the margin.
     pruning: bool = False
-    pruning_margin: float = 0.01  # relative: prune when value > (1 + margin) * the parents-th best complete value
+    pruning_margin: float = 0.01  # relative: prune when value > (1 + margin) * the rank-th best complete value
+    pruning_rank: int | None = None  # default `parents` (keeps the search); fewer prunes more, maybe a would-be parent
     pruning_prefixes: tuple[float, ...] = ()  # extra rungs: window 0 cut to these fractions of its length first
 
 
@@ -201,6 +202,10 @@ def _checked(preset: StudyPreset) -> StudyPreset:
         problems.append(f"search.pruning must be true or false, got {search.pruning!r}")
     if not isinstance(search.pruning_margin, int | float) or search.pruning_margin < 0:
         problems.append(f"search.pruning_margin must be a number >= 0, got {search.pruning_margin!r}")
+    rank = search.pruning_rank
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
+                             or (isinstance(search.parents, int) and rank > search.parents)):
+        problems.append(f"search.pruning_rank must be an integer from 1 to search.parents, got {rank!r}")
     prefixes = search.pruning_prefixes
     if (not all(isinstance(f, int | float) and 0 < f < 1 for f in prefixes)
             or any(a >= b for a, b in itertools.pairwise(prefixes))):

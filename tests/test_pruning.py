@@ -109,22 +109,38 @@ def test_pruned_trials_are_never_parents(study):
     assert cached and not cached & pruned
 
 
-def test_pruning_stops_trials_behind_the_parents_and_pruned_trials_fill_generations(study):
-    trials = study.trials  # one worker: a trial's pruning decisions saw exactly the trials numbered before it
-    for trial in trials:
+def assert_pruned_exactly_when_behind(trials: list[optuna.trial.FrozenTrial], rank: int) -> None:
+    """Each trial ran on while within the ``rank`` best complete trials before it, and stopped when it fell behind."""
+    for trial in trials:  # one worker: a trial's pruning decisions saw exactly the trials numbered before it
         complete_before = [t for t in trials[: trial.number] if t.state == optuna.trial.TrialState.COMPLETE]
         steps = sorted(trial.intermediate_values)
         for step in steps:
             values = sorted(t.intermediate_values[step] for t in complete_before if step in t.intermediate_values)
-            could_be_parent = len(values) < 3 or trial.intermediate_values[step] <= values[2]
+            within_rank = len(values) < rank or trial.intermediate_values[step] <= values[rank - 1]
             stopped_here = trial.state == optuna.trial.TrialState.PRUNED and step == steps[-1]
-            assert could_be_parent != stopped_here or step == FULL_STEPS[-1]
+            assert within_rank != stopped_here or step == FULL_STEPS[-1]
+
+
+def test_pruning_stops_trials_behind_the_parents_and_pruned_trials_fill_generations(study):
+    trials = study.trials
+    assert_pruned_exactly_when_behind(trials, rank=3)
     assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials if t.system_attrs[GENERATION_KEY] == 0)
     sizes: dict[int, int] = {}
     for trial in trials:
         sizes[trial.system_attrs[GENERATION_KEY]] = sizes.get(trial.system_attrs[GENERATION_KEY], 0) + 1
     *full, _last = sorted(sizes)
     assert [sizes[g] for g in full] == [6] + [4] * (len(full) - 1)  # pruned trials count, as complete ones do
+
+
+def test_a_stricter_rank_prunes_more_and_still_breeds_from_complete_trials(tmp_path, study):
+    strict = run_study(tmp_path, preset_text=PRESET.replace("pruning = true\n", "pruning = true\npruning_rank = 1\n"))
+    trials = strict.trials
+    assert_pruned_exactly_when_behind(trials, rank=1)
+    pruned = {t.number for t in trials if t.state == optuna.trial.TrialState.PRUNED}
+    assert len(pruned) > sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    bred_from = {n for t in trials for n in t.system_attrs.get(PARENTS_KEY, [])}
+    assert bred_from and not bred_from & pruned
+    assert len(trials) == 20
 
 
 def test_no_pruning_measures_every_window(tmp_path):
@@ -135,7 +151,7 @@ def test_no_pruning_measures_every_window(tmp_path):
 
 def test_the_pruner_sees_trials_that_other_workers_completed_while_a_trial_ran():
     storage = optuna.storages.InMemoryStorage()
-    pruner = ParentPruner(num_parents=2, margin=0.0)
+    pruner = ParentPruner(rank=2, margin=0.0)
     mine = optuna.create_study(storage=storage, study_name="shared", pruner=pruner)
     theirs = optuna.load_study(storage=storage, study_name="shared", pruner=pruner)
     running = mine.ask()
@@ -160,7 +176,7 @@ def test_a_replay_prunes_what_a_live_run_prunes_until_a_parent_set_differs(tmp_p
     (tmp_path / "live").mkdir()
     full = run_study(tmp_path / "full", "--no-pruning", preset_text=windows_only)
     live = run_study(tmp_path / "live", preset_text=windows_only)
-    replayed, exact_until = bench.replay(full, ParentPruner(num_parents=3, margin=0.0))
+    replayed, exact_until = bench.replay(full, ParentPruner(rank=3, margin=0.0))
     exact = slice(0, exact_until)
     assert [t.params for t in live.trials[exact]] == [t.params for t in full.trials[exact]]
     assert [t.state for t in replayed[exact]] == [t.state for t in live.trials[exact]]
