@@ -13,10 +13,10 @@ for each asked rank and margin (the run without pruning is shared, so they compa
 For each run it counts the full-length window evaluations (one searched window measured at the
 target length) and the trials' wall time (one worker: the run's time less the sampler's and the
 storage's) spent until the first trial at or below the best perplexity both runs reached, and for
-the whole run, and prints the ratios (without / with pruning). A pruner at the
-study's parent count only stops trials behind every parent, which leaves the search itself
-unchanged unless a pruned trial would have become a parent; a smaller rank prunes more and
-changes the search, so the table also says how many trials proposed the same factors.
+the whole run, and prints the ratios (without / with pruning). A pruner at the study's parent
+count only stops trials behind every parent, which leaves the search itself unchanged unless a
+pruned trial would have become a parent; a smaller rank prunes more and changes the search, so
+the table also says how many trials proposed the same factors.
 
 ``--replay DB`` spends no evaluation: it feeds a finished run without pruning, trial by trial and
 window by window, to :class:`hpo.pruning.ParentPruner` (at each rank and margin) and counts what

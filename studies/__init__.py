@@ -68,7 +68,8 @@ class SearchSpec:
     critical_dim: int | str = 0  # LongRoPE2: "auto" or a dim index; 0 searches every dim
     seed: int = 0
     # Multi-fidelity pruning (hpo/pruning.py): a trial is measured window by window and stopped once its
-    # running perplexity is behind the `parents` best complete trials at the same step by more than the margin.
+    # running perplexity is behind the `pruning_rank` (default `parents`) best complete trials at the same step
+    # by more than the margin.
     pruning: bool = False
     pruning_margin: float = 0.01  # relative: prune when value > (1 + margin) * the rank-th best complete value
     pruning_rank: int | None = None  # default `parents` (keeps the search); fewer prunes more, maybe a would-be parent
