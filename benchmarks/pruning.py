@@ -67,7 +67,7 @@ def run_arm(preset: StudyPreset, workload, out_dir: Path, reuse: bool = False) -
     """Run ``preset``'s study in a fresh SQLite file (with ``reuse``: resume the file there) and count its cost."""
     search = preset.search
     label = f"pruning-{search.pruning_margin:g}" if search.pruning else "full"
-    if search.pruning and search.pruning_rank is not None:
+    if search.pruning and search.pruning_rank not in (None, search.parents):  # the parent count is the default
         label += f"-rank{search.pruning_rank}"
     database = out_dir / f"{preset.name}-{label}.db"
     if not reuse:  # every run starts a fresh study
@@ -231,8 +231,7 @@ def main() -> None:
     figures = {"preset": preset.name, "samples": args.samples, "n_trials": search.n_trials, "seed": search.seed,
                "full": {k: v for k, v in asdict(full).items() if k != "trials"}, "pruning": []}
     for rank, margin in itertools.product(ranks, margins):
-        arm_preset = preset.replace(search__pruning=True, search__pruning_margin=margin,
-                                    search__pruning_rank=None if rank == search.parents else rank,
+        arm_preset = preset.replace(search__pruning=True, search__pruning_margin=margin, search__pruning_rank=rank,
                                     search__n_trials=args.pruned_trials)
         pruned = run_arm(arm_preset, workload, args.out, args.reuse)
         rows, arm_figures = compare(full, pruned, full_steps)
