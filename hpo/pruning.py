@@ -80,7 +80,8 @@ class ParentPruner(BasePruner):
 
     The pruner reads everything from the storage, so any process sharing the study takes the same
     decision. Pruned trials keep their reported values (Optuna records the last one as the trial's
-    value) and are never parents: the sampler only breeds from complete trials.
+    value) and are never parents: the sampler only breeds from complete trials, and not from one
+    that a pruned trial beat at the step where it stopped.
 
     Args:
         rank: how many complete trials a running value is compared with: the sampler's parent count

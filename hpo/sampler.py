@@ -171,7 +171,13 @@ class LongRoPESampler(BaseGASampler):
         The parents of generation ``g`` are the best ``num_parents`` complete trials of all
         generations before ``g`` (ties go to the earlier trial). Trials that are pruned, failed,
         running, violate a constraint (``trial.set_constraint`` with a value > 0) or lack one of
-        the space's parameters are never parents. Parents are projected with
+        the space's parameters are never parents. Nor is a complete trial that was worse, at the
+        step where a pruned trial of those generations stopped, than that pruned trial: the search
+        discarded a better trial, so this one is no parent either. A pruner that only stops trials
+        behind the ``num_parents``-th best (:class:`hpo.pruning.ParentPruner` at its default rank)
+        thereby excludes only trials behind ``num_parents`` others at that step; a stricter one
+        leaves fewer than ``num_parents`` complete trials, and this keeps the worst of them (a poor
+        seed) from breeding. Parents are projected with
         ``to_params(to_factors(...))`` so that trials added by hand are in bounds and monotone.
 
     Operators:
@@ -181,8 +187,8 @@ class LongRoPESampler(BaseGASampler):
         once repaired to a running maximum, and failing that (a nearly exhausted grid) it
         returns a repeat with a warning rather than stall the study. A crossover child is
         :func:`crossover` of two distinct random parents, redrawn up to ``max_tries`` times,
-        then replaced by a mutant of the first of the two; with fewer than two parents it is a
-        mutant from the start.
+        then replaced by a mutant of the first of the two; with fewer than two parents every
+        trial is a mutant (and its role says so).
 
     State and resume:
         Everything lives in the storage: the generation of each trial (trial system attr
@@ -277,15 +283,29 @@ class LongRoPESampler(BaseGASampler):
         return generation
 
     def select_parent(self, study: optuna.Study, generation: int) -> list[FrozenTrial]:
-        """The best ``num_parents`` feasible complete trials of generations before ``generation``."""
+        """The best ``num_parents`` feasible complete trials of generations before ``generation``
+        that no pruned trial of those generations beat (see Parents)."""
         key = self._get_generation_key()
         sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+        earlier = [
+            t
+            for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.system_attrs.get(key, -1) < generation
+        ]
+        stops = [(t.last_step, sign * t.intermediate_values[t.last_step])
+                 for t in earlier if t.state == TrialState.PRUNED and t.last_step is not None]
+
+        def beaten_by_a_pruned_trial(trial: FrozenTrial) -> bool:
+            values = trial.intermediate_values
+            return any(step in values and sign * values[step] > value for step, value in stops)
+
         candidates = [
             t
-            for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.system_attrs.get(key, -1) < generation
+            for t in earlier
+            if t.state == TrialState.COMPLETE
             and all(v <= 0.0 for v in t.constraints.values())
             and self._space.has_all_params(t.params)
+            and not beaten_by_a_pruned_trial(t)
         ]
         candidates.sort(key=lambda t: (sign * t.value, t.number))
         return candidates[: self._num_parents]
@@ -324,11 +344,12 @@ class LongRoPESampler(BaseGASampler):
         parents = self.get_parent_population(study, generation)
         parent_params = [self._project(t.params) for t in parents]
 
-        role = self._role(trials, trial, generation) if parents else MUTANT
+        # A crossover needs two parents; strict pruning can leave one (see Parents).
+        role = self._role(trials, trial, generation) if len(parents) >= 2 else MUTANT
         if not parents:
             parent_numbers: list[int] = []
             proposal = self._mutant(self._initial_params(study), seen, rng)
-        elif role == CROSSOVER and len(parents) >= 2:
+        elif role == CROSSOVER:
             i, j = (int(k) for k in rng.choice(len(parents), size=2, replace=False))
             child = self._crossover_child(parent_params[i], parent_params[j], seen, rng)
             if child is None:

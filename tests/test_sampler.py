@@ -290,3 +290,22 @@ def test_multi_objective_studies_are_refused() -> None:
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler())
     with pytest.raises(ValueError, match="multi-objective"):
         study.ask()
+
+
+def test_a_complete_trial_that_a_pruned_trial_beat_is_not_a_parent() -> None:
+    """Strict pruning leaves few complete trials; one worse than a discarded trial must not breed."""
+    study = optuna.create_study(sampler=make_sampler())
+    params = SPACE.to_params(SPACE.seeds(GEOMETRY)[0])
+    distributions = SPACE.distributions()
+
+    def add(state: optuna.trial.TrialState, values: dict[int, float], value: float | None) -> None:
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params=params, distributions=distributions, intermediate_values=values,
+            system_attrs={GENERATION_KEY: 0}))
+
+    add(optuna.trial.TrialState.COMPLETE, {1: 50.0, 2: 52.0}, 52.0)  # a poor seed
+    add(optuna.trial.TrialState.COMPLETE, {1: 20.0, 2: 21.0}, 21.0)
+    add(optuna.trial.TrialState.COMPLETE, {1: 30.0, 2: 31.0}, 31.0)
+    add(optuna.trial.TrialState.PRUNED, {1: 25.0}, 25.0)  # stopped at step 1, ahead of trials 0 and 2 there
+    parents = study.sampler.select_parent(study, generation=1)
+    assert [t.number for t in parents] == [1]
