@@ -2,6 +2,8 @@
 
     python benchmarks/pruning.py --study smollm2_16k --samples 5 --n-trials 40 --margin 0.01,0
     python benchmarks/pruning.py --study smollm2_16k --samples 5 --n-trials 40 --margin 0 --rank 1 --reuse
+    python benchmarks/pruning.py --study smollm2_16k --samples 5 --n-trials 40 --margin 0 --rank 1 \
+        --prefixes 0.25 --pruned-trials 100 --reuse
     python benchmarks/pruning.py --study tiny --samples 6 --n-trials 40 --margin 0  # reduced: the mechanics only
     python benchmarks/pruning.py --replay runs/bench_pruning/smollm2_16k-full.db --margin 0.01,0 --rank 6,1
 
@@ -11,7 +13,8 @@ for each asked rank and margin (the run without pruning is shared, so they compa
 ``--reuse`` resumes the runs already in ``--out`` instead, so a finished one is not run again, and
 ``--pruned-trials`` gives the pruned runs a larger trial budget than ``--n-trials``).
 For each run it counts the full-length window evaluations (one searched window measured at the
-target length) and the trials' wall time (one worker: the run's time less the sampler's and the
+target length), the windows read (prefix rungs included, each as the share of a window it reads)
+and the trials' wall time (one worker: the run's time less the sampler's and the
 storage's) spent until the first trial at or below the best perplexity both runs reached, and for
 the whole run, and prints the ratios (without / with pruning). A pruner at the study's parent
 count only stops trials behind every parent, which leaves the search itself unchanged unless a
@@ -53,6 +56,12 @@ class Arm:
     prefix_evaluations: float  # prefix rungs, in windows (a half-window rung counts 0.5)
     trial_seconds: float
     trials: list[FrozenTrial]
+    prefix_share: dict[int, float]  # the window share each prefix rung's step reads
+
+
+def windows_read(trial: FrozenTrial, full_steps: set[int], prefix_share: dict[int, float]) -> float:
+    """Full-length evaluations plus the prefix rungs, each as the share of a window it reads."""
+    return full_evaluations(trial, full_steps) + sum(prefix_share.get(step, 0.0) for step in trial.intermediate_values)
 
 
 def full_evaluations(trial: FrozenTrial, full_steps: set[int]) -> int:
@@ -69,6 +78,8 @@ def run_arm(preset: StudyPreset, workload, out_dir: Path, reuse: bool = False) -
     label = f"pruning-{search.pruning_margin:g}" if search.pruning else "full"
     if search.pruning and search.pruning_rank not in (None, search.parents):  # the parent count is the default
         label += f"-rank{search.pruning_rank}"
+    if search.pruning and search.pruning_prefixes:
+        label += "-prefix" + ",".join(f"{fraction:g}" for fraction in search.pruning_prefixes)
     database = out_dir / f"{preset.name}-{label}.db"
     if not reuse:  # every run starts a fresh study
         for stale in (database, Path(f"{database}.claims.lock")):
@@ -80,34 +91,42 @@ def run_arm(preset: StudyPreset, workload, out_dir: Path, reuse: bool = False) -
     schedule = workload.schedule(search)
     full_steps = {step.step for step in schedule if not step.prefix}
     prefix_share = {step.step: step.tokens / workload.windows[0].numel() for step in schedule if step.prefix}
-    trials = study.trials
+    return arm_of(study.trials, search.pruning, full_steps, prefix_share)
+
+
+def arm_of(trials: list[FrozenTrial], pruning: bool, full_steps: set[int], prefix_share: dict[int, float]) -> Arm:
+    """What ``trials`` (a run's, in order; or the first of them) spent and found."""
     return Arm(
-        pruning=search.pruning,
-        best=study.best_value,
+        pruning=pruning,
+        best=min(t.value for t in trials if t.state == TrialState.COMPLETE),
         complete=sum(t.state == TrialState.COMPLETE for t in trials),
         pruned=sum(t.state == TrialState.PRUNED for t in trials),
         full_evaluations=sum(full_evaluations(t, full_steps) for t in trials),
-        prefix_evaluations=sum(prefix_share.get(step, 0.0) for t in trials for step in t.intermediate_values),
+        prefix_evaluations=sum(windows_read(t, full_steps, prefix_share) - full_evaluations(t, full_steps)
+                               for t in trials),
         trial_seconds=sum(trial_seconds(t) for t in trials),
         trials=trials,
+        prefix_share=prefix_share,
     )
 
 
-def cost_to_reach(arm: Arm, target: float, full_steps: set[int]) -> tuple[int, float, int]:
-    """Full evaluations and trial seconds spent until the first complete trial at or below ``target``; its number."""
-    evaluations, seconds = 0, 0.0
+def cost_to_reach(arm: Arm, target: float, full_steps: set[int]) -> tuple[int, float, float, int]:
+    """Full evaluations, windows read (prefix rungs included) and trial seconds spent until the first
+    complete trial at or below ``target``; its number."""
+    evaluations, windows, seconds = 0, 0.0, 0.0
     for trial in arm.trials:  # one worker: trial numbers are the order of evaluation
         evaluations += full_evaluations(trial, full_steps)
+        windows += windows_read(trial, full_steps, arm.prefix_share)
         seconds += trial_seconds(trial)
         if trial.state == TrialState.COMPLETE and trial.value <= target:
-            return evaluations, seconds, trial.number
+            return evaluations, windows, seconds, trial.number
     raise AssertionError("the target is one of the two runs' best values, reached by both")
 
 
 def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[str, ...]], dict]:
     """The table rows (without / with pruning / ratio) and the JSON figures of one pruned run against the full one."""
     target = max(full.best, pruned.best)  # the best perplexity both runs reached
-    (full_evals, full_s, full_at), (pruned_evals, pruned_s, pruned_at) = (
+    (full_evals, full_windows, full_s, full_at), (pruned_evals, pruned_windows, pruned_s, pruned_at) = (
         cost_to_reach(arm, target, full_steps) for arm in (full, pruned))
     same = sum(a.params == b.params for a, b in zip(full.trials, pruned.trials, strict=False))
     rows = [
@@ -115,6 +134,8 @@ def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[st
         ("trials complete / pruned", f"{full.complete} / {full.pruned}", f"{pruned.complete} / {pruned.pruned}", ""),
         (f"full-length evaluations to reach {target:.4f}", f"{full_evals} (trial {full_at})",
          f"{pruned_evals} (trial {pruned_at})", f"{full_evals / pruned_evals:.2f}x"),
+        (f"windows read to reach {target:.4f}, prefix rungs included", f"{full_windows:.2f}",
+         f"{pruned_windows:.2f}", f"{full_windows / pruned_windows:.2f}x"),
         (f"trial seconds to reach {target:.4f}", f"{full_s:.1f}", f"{pruned_s:.1f}", f"{full_s / pruned_s:.2f}x"),
         ("full-length evaluations, whole run", str(full.full_evaluations), str(pruned.full_evaluations),
          f"{full.full_evaluations / pruned.full_evaluations:.2f}x"),
@@ -124,8 +145,10 @@ def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[st
          f"{full.trial_seconds / pruned.trial_seconds:.2f}x"),
         ("trials with the same factors", f"{same} of {min(len(full.trials), len(pruned.trials))}", "", ""),
     ]
-    figures = {"arm": {k: v for k, v in asdict(pruned).items() if k != "trials"}, "target": target,
-               "to_target": {"full": [full_evals, full_s], "pruning": [pruned_evals, pruned_s]},
+    figures = {"arm": {k: v for k, v in asdict(pruned).items() if k not in ("trials", "prefix_share")},
+               "target": target,
+               "to_target": {"full": [full_evals, full_windows, full_s],
+                             "pruning": [pruned_evals, pruned_windows, pruned_s]},
                "same_factors": same}
     return rows, figures
 
@@ -229,20 +252,25 @@ def main() -> None:
     full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
     search = preset.search
     figures = {"preset": preset.name, "samples": args.samples, "n_trials": search.n_trials, "seed": search.seed,
-               "full": {k: v for k, v in asdict(full).items() if k != "trials"}, "pruning": []}
+               "full": {k: v for k, v in asdict(full).items() if k not in ("trials", "prefix_share")}, "pruning": []}
     for rank, margin in itertools.product(ranks, margins):
         arm_preset = preset.replace(search__pruning=True, search__pruning_margin=margin, search__pruning_rank=rank,
                                     search__n_trials=args.pruned_trials)
         pruned = run_arm(arm_preset, workload, args.out, args.reuse)
-        rows, arm_figures = compare(full, pruned, full_steps)
-        figures["pruning"].append({"rank": rank, "margin": margin, **arm_figures})
-        print(f"\n## Pruning: {preset.name}, {args.samples} windows of {preset.target_length:,} tokens, "
-              f"{search.n_trials} trials ({arm_preset.search.n_trials} with pruning), seed {search.seed}, "
-              f"rank {rank} of {search.parents} parents, margin {margin}, "
-              f"prefix rungs {list(search.pruning_prefixes)}\n")
-        print("| | without pruning | with pruning | ratio |\n|---|---|---|---|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        # A longer pruned run is also compared at the same trial budget: its first trials are what a run
+        # of that budget would have done (proposals depend on earlier trials only).
+        budgets = sorted({len(pruned.trials), min(len(pruned.trials), len(full.trials))})
+        for budget in budgets:
+            same_budget = arm_of(pruned.trials[:budget], True, full_steps, pruned.prefix_share)
+            rows, arm_figures = compare(full, same_budget, full_steps)
+            figures["pruning"].append({"rank": rank, "margin": margin, "trials": budget, **arm_figures})
+            print(f"\n## Pruning: {preset.name}, {args.samples} windows of {preset.target_length:,} tokens, "
+                  f"{search.n_trials} trials ({budget} with pruning), seed {search.seed}, "
+                  f"rank {rank} of {search.parents} parents, margin {margin}, "
+                  f"prefix rungs {list(arm_preset.search.pruning_prefixes)}\n")
+            print("| | without pruning | with pruning | ratio |\n|---|---|---|---|")
+            for row in rows:
+                print("| " + " | ".join(row) + " |")
         if args.json:  # after every arm: a stopped benchmark keeps what it measured
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
