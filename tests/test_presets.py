@@ -46,6 +46,9 @@ def test_pruning_is_on_where_several_searched_windows_pay_for_it():
         assert search.pruning and search.pruning_margin == 0.01 and search.pruning_prefixes == ()
     for name in ("smollm2_16k", "smollm2_32k", "tiny"):
         assert not load_preset(name).search.pruning
+    strict = load_preset("smollm2_16k_pruned").search  # the embedded model on 5 windows, as benchmarked
+    assert load_preset("smollm2_16k_pruned").data.samples == 5 and strict.pruning
+    assert (strict.pruning_rank, strict.pruning_margin, strict.pruning_prefixes) == (1, 0.0, (0.25,))
     preset = load_preset("tiny").replace(search__pruning=True, search__pruning_prefixes=(0.25, 0.5))
     assert preset.search.pruning and preset.search.pruning_prefixes == (0.25, 0.5)
 
