@@ -59,9 +59,9 @@ class Arm:
     prefix_share: dict[int, float]  # the window share each prefix rung's step reads
 
 
-def windows_read(trial: FrozenTrial, full_steps: set[int], prefix_share: dict[int, float]) -> float:
-    """Full-length evaluations plus the prefix rungs, each as the share of a window it reads."""
-    return full_evaluations(trial, full_steps) + sum(prefix_share.get(step, 0.0) for step in trial.intermediate_values)
+def prefix_windows(trial: FrozenTrial, prefix_share: dict[int, float]) -> float:
+    """The prefix rungs ``trial`` read, each counted as the share of a window it reads."""
+    return sum(prefix_share.get(step, 0.0) for step in trial.intermediate_values)
 
 
 def full_evaluations(trial: FrozenTrial, full_steps: set[int]) -> int:
@@ -102,8 +102,7 @@ def arm_of(trials: list[FrozenTrial], pruning: bool, full_steps: set[int], prefi
         complete=sum(t.state == TrialState.COMPLETE for t in trials),
         pruned=sum(t.state == TrialState.PRUNED for t in trials),
         full_evaluations=sum(full_evaluations(t, full_steps) for t in trials),
-        prefix_evaluations=sum(windows_read(t, full_steps, prefix_share) - full_evaluations(t, full_steps)
-                               for t in trials),
+        prefix_evaluations=sum(prefix_windows(t, prefix_share) for t in trials),
         trial_seconds=sum(trial_seconds(t) for t in trials),
         trials=trials,
         prefix_share=prefix_share,
@@ -116,7 +115,7 @@ def cost_to_reach(arm: Arm, target: float, full_steps: set[int]) -> tuple[int, f
     evaluations, windows, seconds = 0, 0.0, 0.0
     for trial in arm.trials:  # one worker: trial numbers are the order of evaluation
         evaluations += full_evaluations(trial, full_steps)
-        windows += windows_read(trial, full_steps, arm.prefix_share)
+        windows += full_evaluations(trial, full_steps) + prefix_windows(trial, arm.prefix_share)
         seconds += trial_seconds(trial)
         if trial.state == TrialState.COMPLETE and trial.value <= target:
             return evaluations, windows, seconds, trial.number
