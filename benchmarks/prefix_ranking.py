@@ -80,9 +80,9 @@ def main() -> None:
     for name, values in rungs.items():
         order = ranks(values)
         best_ranks = [int(order[i]) for i in best]
-        figures["rungs"][name] = {"spearman": spearman(values, final), "best_ranks": best_ranks,
-                                  "seconds": seconds[name]}
-        print(f"| {name} | {spearman(values, final):.3f} | {best_ranks} | {seconds[name]:.1f} |")
+        correlation = spearman(values, final)
+        figures["rungs"][name] = {"spearman": correlation, "best_ranks": best_ranks, "seconds": seconds[name]}
+        print(f"| {name} | {correlation:.3f} | {best_ranks} | {seconds[name]:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

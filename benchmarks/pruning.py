@@ -114,8 +114,9 @@ def cost_to_reach(arm: Arm, target: float, full_steps: set[int]) -> tuple[int, f
     complete trial at or below ``target``; its number."""
     evaluations, windows, seconds = 0, 0.0, 0.0
     for trial in arm.trials:  # one worker: trial numbers are the order of evaluation
-        evaluations += full_evaluations(trial, full_steps)
-        windows += full_evaluations(trial, full_steps) + prefix_windows(trial, arm.prefix_share)
+        trial_evaluations = full_evaluations(trial, full_steps)
+        evaluations += trial_evaluations
+        windows += trial_evaluations + prefix_windows(trial, arm.prefix_share)
         seconds += trial_seconds(trial)
         if trial.state == TrialState.COMPLETE and trial.value <= target:
             return evaluations, windows, seconds, trial.number
