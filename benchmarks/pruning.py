@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import optuna
@@ -57,6 +57,10 @@ class Arm:
     trial_seconds: float
     trials: list[FrozenTrial]
     prefix_share: dict[int, float]  # the window share each prefix rung's step reads
+
+    def figures(self) -> dict:
+        """The arm's counts for the JSON (its trials and rung shares are in its study file)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("trials", "prefix_share")}
 
 
 def prefix_windows(trial: FrozenTrial, prefix_share: dict[int, float]) -> float:
@@ -145,8 +149,7 @@ def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[st
          f"{full.trial_seconds / pruned.trial_seconds:.2f}x"),
         ("trials with the same factors", f"{same} of {min(len(full.trials), len(pruned.trials))}", "", ""),
     ]
-    figures = {"arm": {k: v for k, v in asdict(pruned).items() if k not in ("trials", "prefix_share")},
-               "target": target,
+    figures = {"arm": pruned.figures(), "target": target,
                "to_target": {"full": [full_evals, full_windows, full_s],
                              "pruning": [pruned_evals, pruned_windows, pruned_s]},
                "same_factors": same}
@@ -252,7 +255,7 @@ def main() -> None:
     full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
     search = preset.search
     figures = {"preset": preset.name, "samples": args.samples, "n_trials": search.n_trials, "seed": search.seed,
-               "full": {k: v for k, v in asdict(full).items() if k not in ("trials", "prefix_share")}, "pruning": []}
+               "full": full.figures(), "pruning": []}
     for rank, margin in itertools.product(ranks, margins):
         arm_preset = preset.replace(search__pruning=True, search__pruning_margin=margin, search__pruning_rank=rank,
                                     search__n_trials=args.pruned_trials)
