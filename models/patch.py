@@ -6,7 +6,10 @@ buffer, sets the scaling, and forces ``rope_type`` to ``"default"`` on the
 module so that dynamic/longrope update logic cannot silently swap the
 frequencies back (a ``longrope`` module caches ``long_inv_freq``). Start tokens
 (n_hat) are a forward hook that puts the original rotation back for positions
-below n_hat. :func:`restore_original` undoes all of it.
+below n_hat, without the attention scaling, as the LongRoPE reference does
+(``rope/longrope.py``, ``_add_original_embeddings``): a query-key logit between
+two start tokens is then unscaled, and one with a start-token key is scaled by
+m, not m^2. :func:`restore_original` undoes all of it.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ def rotary_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _keep_start_tokens(start_tokens: int, original_inv_freq: torch.Tensor, attention_scaling: float):
-    """Forward hook: positions < start_tokens get the unscaled frequencies back."""
+def _keep_start_tokens(start_tokens: int, original_inv_freq: torch.Tensor):
+    """Forward hook: positions < start_tokens get the original cos/sin back, frequencies and magnitude."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: tuple[torch.Tensor, torch.Tensor]):
         position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
@@ -53,8 +56,8 @@ def _keep_start_tokens(start_tokens: int, original_inv_freq: torch.Tensor, atten
         freqs = position_ids[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         keep = (position_ids < start_tokens)[..., None]
-        cos = torch.where(keep, (angles.cos() * attention_scaling).to(cos.dtype), cos)
-        sin = torch.where(keep, (angles.sin() * attention_scaling).to(sin.dtype), sin)
+        cos = torch.where(keep, angles.cos().to(cos.dtype), cos)
+        sin = torch.where(keep, angles.sin().to(sin.dtype), sin)
         return cos, sin
 
     return hook
@@ -81,7 +84,7 @@ def apply_factors(model: nn.Module, factors: RopeFactors) -> None:
         module.attention_scaling = attention_scaling
         module.rope_type = "default"
         if factors.start_tokens > 0:
-            hook = _keep_start_tokens(factors.start_tokens, geometry.original_inv_freq(), attention_scaling)
+            hook = _keep_start_tokens(factors.start_tokens, geometry.original_inv_freq())
             saved.hook = module.register_forward_hook(hook, with_kwargs=True)
 
 

@@ -101,9 +101,10 @@ def test_start_tokens_keep_original_rotation(model):
     apply_factors(model, RopeFactors(scaled.rescale_factors, TINY_WINDOW, TARGET, start_tokens=n_hat,
                                      attention_scaling=1.25))
     cos, sin = rotary_output(model, positions)
-    # below n_hat: the original angles (times the attention scaling, which applies everywhere)
-    torch.testing.assert_close(cos[:, :n_hat], original_cos[:, :n_hat] * 1.25)
-    torch.testing.assert_close(sin[:, :n_hat], original_sin[:, :n_hat] * 1.25)
+    # below n_hat: the original cos/sin, without the attention scaling (the reference's
+    # _add_original_embeddings copies the original embeddings back unscaled)
+    torch.testing.assert_close(cos[:, :n_hat], original_cos[:, :n_hat])
+    torch.testing.assert_close(sin[:, :n_hat], original_sin[:, :n_hat])
     # at and above n_hat: the rescaled angles
     torch.testing.assert_close(cos[:, n_hat:], scaled_cos[:, n_hat:])
     torch.testing.assert_close(sin[:, n_hat:], scaled_sin[:, n_hat:])
