@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,postgres,ray,lora]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,postgres,ray,lora,datasets]'
 	touch $@
 
 setup: $(STAMP)

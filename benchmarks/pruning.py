@@ -178,9 +178,11 @@ def replay(full: optuna.Study, pruner: ParentPruner) -> tuple[list[FrozenTrial],
         if diverged is None and pruned & parent_sets.get(trial.system_attrs.get(generation_key), set()):
             diverged = trial.number
         asked = study.ask()
-        for step, value in sorted(trial.intermediate_values.items()):
+        steps = sorted(trial.intermediate_values.items())
+        for position, (step, value) in enumerate(steps):
             asked.report(value, step)
-            if asked.should_prune():
+            # as hpo.study.make_objective: never after the last step, where pruning saves nothing
+            if position < len(steps) - 1 and asked.should_prune():
                 pruned.add(trial.number)
                 study.tell(asked, state=TrialState.PRUNED)
                 break

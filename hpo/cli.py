@@ -1,7 +1,8 @@
-"""What every ``python -m hpo.*`` command sets up before it starts: its logging."""
+"""What every ``python -m hpo.*`` command sets up before it starts: its logging, and the options they share."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import optuna
@@ -16,3 +17,21 @@ def configure_logging(quiet: bool = False) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if quiet:
         transformers.logging.disable_progress_bar()  # "Loading weights" and "Writing model shards"
+
+
+DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # models.loading.pick_dtype's
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """``--dtype``, the same in every command; :func:`checked_dtype` checks it inside the command's error handling."""
+    parser.add_argument("--dtype", default=default, metavar="DTYPE",
+                        help=f"{what}: {', '.join(DTYPE_CHOICES)}. The LongRoPE reference evaluates in fp16 "
+                             "(float16); auto is bf16 where the hardware computes it natively (most GPUs, "
+                             "AVX512-BF16 CPUs), else fp32")
+
+
+def checked_dtype(dtype: str | None) -> str | None:
+    """``dtype`` unchanged if known, else a one-line error before the model and the text are loaded."""
+    if dtype is not None and dtype not in DTYPE_CHOICES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPE_CHOICES)}")
+    return dtype

@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from hpo.cli import configure_logging
+from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
 from hpo.outputs import study_dir, study_factors
 from hpo.study import StorageError
 from models.assets import AssetError
@@ -92,10 +92,11 @@ def _perplexity_task(args: argparse.Namespace, model, tokenizer, length: int) ->
     progress = not args.no_progress
     if args.sliding_stride:
         stream = load_windows(args.data, tokenizer, length * args.samples, 1, first_window=args.first_window,
-                              mode=args.window_mode)[0]
+                              mode=args.window_mode, add_bos=False)[0]
 
         def score(name: str) -> PerplexityResult:
-            return sliding_window_perplexity(model, stream, length, args.sliding_stride, progress=progress)
+            return sliding_window_perplexity(model, stream, length, args.sliding_stride,
+                                             bos_token_id=tokenizer.bos_token_id, progress=progress)
     else:
         windows = load_windows(args.data, tokenizer, length, args.samples, first_window=args.first_window,
                                mode=args.window_mode)
@@ -195,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: stream for essays, documents otherwise)")
     parser.add_argument("--sliding-stride", type=int, default=None, metavar="TOKENS",
                         help="ppl: score the stream with a sliding window of each length moved by this stride "
-                             "(over samples x length tokens) instead of separate windows")
+                             "(over samples x length tokens) instead of separate windows; each window starts "
+                             "with the tokenizer's BOS, as in the LongRoPE reference")
     parser.add_argument("--original-length", type=int, default=None,
                         help="the model's pretrained window (default: the study's, else from the model config)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where native), float32, bfloat16, float16")
+    add_dtype_argument(parser, "auto", "model precision")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--attn", default="auto", help="attention implementation: auto, sdpa, eager, flash_attention_2")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -228,7 +230,8 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
     found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)
     args.model = args.model or study_model_name or DEFAULT_MODEL
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+    model, tokenizer = load_model(args.model, dtype=checked_dtype(args.dtype), device=args.device,
+                                  attn_implementation=args.attn)
     geometry = RopeGeometry.from_config(model.config)
     original_length = args.original_length or (found.original_length if found else None)
     if original_length:

@@ -8,10 +8,13 @@ in tests, ``accelerate launch`` for several GPUs) with the preset's ``[finetune]
 Data. The documents of ``finetune.source`` (default: the study's text) from ``first_document`` on are tokenized
 and packed back to back, each followed by EOS, into rows of exactly ``sequence_length`` tokens (a tail shorter
 than a row is dropped). Position ids restart at 0 at each document start, and the label of a document's first
-token is -100, so no loss crosses a boundary. In transformers 5.23, a forward with ``position_ids`` that
-restart, no ``attention_mask`` and no cache (``use_cache=False``) is detected as packed
-(``masking_utils.find_packed_sequence_indices``) and SDPA and eager attention get a block-diagonal causal mask:
-documents in one row do not see each other. flash_attention_2 detects packing only for one row per forward.
+token is -100, so no loss crosses a boundary. Where the study's windows start with BOS (``documents`` mode),
+so do the documents and every row, short rows included: BOS is the first token of a row, in place of the text
+token that would otherwise be there unscored, so the model trains on what the search measures, BOS + L-1
+tokens. In transformers 5.23, a forward with ``position_ids`` that restart, no ``attention_mask`` and no cache
+(``use_cache=False``) is detected as packed (``masking_utils.find_packed_sequence_indices``) and SDPA and eager
+attention get a block-diagonal causal mask: documents in one row do not see each other. flash_attention_2
+detects packing only for one row per forward.
 The text is split as the study reads it (``data.window_mode``): real corpora by document; the embedded essays,
 short texts that the search reads as one stream, as a single document, so that positions reach the full
 sequence length. The last ``max(1, data.heldout_samples)`` rows are held out; training rows are read in a
@@ -57,7 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from hpo.cli import configure_logging
+from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
 from hpo.outputs import StudyError, study_dir, study_factors
 from hpo.study import StorageError, stage_for
 from models.assets import AssetError
@@ -87,38 +90,50 @@ class FinetuneError(ValueError):
 # Data: packed rows, as (tokens, starts) pairs of [rows, length] tensors; starts marks each document's first token.
 
 
-def pack_documents(streams: list[torch.Tensor], length: int,
-                   eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_documents(streams: list[torch.Tensor], length: int, eos_token_id: int | None,
+                   bos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Documents back to back, each followed by EOS, cut into rows of exactly ``length`` tokens.
 
     Returns ``(tokens, starts)``: token ids, and True where a document begins. The first token of every row
-    counts as a start: a document cut by a row boundary continues from position 0. The tail shorter than a
-    row is dropped; no token is in two rows.
+    counts as a start: a document cut by a row boundary continues from position 0. With ``bos_token_id``,
+    every document starts with BOS, and so does every row: a row that starts inside a document has BOS in
+    place of its first text token. The tail shorter than a row is dropped; no token is in two rows.
     """
     pieces, flags = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.bool)]  # no text: no rows
+    bos = [] if bos_token_id is None else [bos_token_id]
+    eos = [] if eos_token_id is None else [eos_token_id]
     for stream in streams:
         if stream.numel() == 0:
             continue
-        document = stream if eos_token_id is None else torch.cat([stream, torch.tensor([eos_token_id])])
+        document = torch.cat([torch.tensor(bos, dtype=torch.long), stream, torch.tensor(eos, dtype=torch.long)])
         start = torch.zeros(document.numel(), dtype=torch.bool)
         start[0] = True
         pieces.append(document)
         flags.append(start)
     tokens, starts = torch.cat(pieces), torch.cat(flags)
     rows = tokens.numel() // length
-    return _rows(tokens[:rows * length], starts[:rows * length], length)
+    return _rows(tokens[:rows * length], starts[:rows * length], length, bos_token_id)
 
 
-def _rows(tokens: torch.Tensor, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(tokens: torch.Tensor, starts: torch.Tensor, length: int,
+          bos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     starts = starts.reshape(-1, length).clone()
     starts[:, 0] = True
-    return tokens.reshape(-1, length), starts
+    tokens = tokens.reshape(-1, length)
+    if bos_token_id is not None:
+        tokens = tokens.clone()
+        tokens[:, 0] = bos_token_id  # the replaced token was a start: context only, never a label
+    return tokens, starts
 
 
-def split_rows(tokens: torch.Tensor, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row cut into ``row_length // length`` rows of ``length`` tokens (the mixed window's short rows)."""
+def split_rows(tokens: torch.Tensor, starts: torch.Tensor, length: int,
+               bos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row cut into ``row_length // length`` rows of ``length`` tokens (the mixed window's short rows).
+
+    With ``bos_token_id``, each short row starts with BOS, as :func:`pack_documents` makes the long ones.
+    """
     keep = tokens.shape[1] // length * length
-    return _rows(tokens[:, :keep], starts[:, :keep], length)
+    return _rows(tokens[:, :keep], starts[:, :keep], length, bos_token_id)
 
 
 def model_inputs(tokens: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -160,12 +175,17 @@ def training_text(preset: StudyPreset) -> tuple[str, str]:
     return source, preset.data.window_mode or default_window_mode(source)
 
 
+def row_bos(preset: StudyPreset, tokenizer) -> int | None:
+    """BOS where the study's windows start with it (``documents`` mode, as ``load_windows`` cuts them), else None."""
+    return tokenizer.bos_token_id if training_text(preset)[1] == "documents" else None
+
+
 def load_rows(preset: StudyPreset, tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed rows of the preset's fine-tuning text (see the module docstring)."""
     tune = preset.finetune
     source, mode = training_text(preset)
     streams = tokenize_documents(load_documents(source)[tune.first_document:], tokenizer, mode)
-    tokens, starts = pack_documents(streams, length, tokenizer.eos_token_id)
+    tokens, starts = pack_documents(streams, length, tokenizer.eos_token_id, row_bos(preset, tokenizer))
     needed = heldout_rows(preset) + 1
     if len(tokens) < needed:
         total = sum(s.numel() for s in streams)
@@ -383,7 +403,8 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
             rows = training_rows(first, tune.batch_size, len(train_tokens), tune.seed)
             batch_tokens, batch_starts = train_tokens[rows], train_starts[rows]
             if is_short(state.step * tune.gradient_accumulation + micro, tune.mixed_short_fraction, tune.seed):
-                batch_tokens, batch_starts = split_rows(batch_tokens, batch_starts, factors.original_length)
+                batch_tokens, batch_starts = split_rows(batch_tokens, batch_starts, factors.original_length,
+                                                        row_bos(preset, tokenizer))
                 apply_factors(raw_model, short)
                 state.short_batches += 1
             else:
@@ -474,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "original window with the original frequencies")
     parser.add_argument("--seed", type=int, default=None, metavar="N", help="seed of the data order and initialisation")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda")
+    add_dtype_argument(parser, None, "mixed precision over the fp32 weights, overriding the preset's [finetune] dtype")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="stop at this step with a checkpoint (split a long run into sessions)")
     again = parser.add_mutually_exclusive_group()
@@ -505,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         preset = load_preset(args.study).replace(
             finetune__steps=args.steps, finetune__lora=args.lora or None, finetune__learning_rate=args.lr,
             finetune__sequence_length=args.sequence_length, finetune__mixed_short_fraction=args.mixed_short_fraction,
-            finetune__seed=args.seed, model__device=args.device)
+            finetune__seed=args.seed, finetune__dtype=checked_dtype(args.dtype), model__device=args.device)
         if args.factors:
             factors = RopeFactors.load(args.factors)
         else:

@@ -126,6 +126,7 @@ def write_outputs(out_dir: Path, study: optuna.Study, preset: StudyPreset, geome
         "trials": {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
         "trial_time_s": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                            if t.datetime_complete and t.datetime_start),
+        "early_stopped": study.user_attrs.get("early_stopped"),
         "comparison": rows,
     }
     paths = {

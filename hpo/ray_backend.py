@@ -42,6 +42,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from hpo.early_stopping import StopRule, forget_stale_stop, stopper
 from hpo.search_space import LongRoPESearchSpace
 from hpo.study import (
     BackendError,
@@ -171,8 +172,9 @@ class StudySearcher(OptunaSearch):
     """Ray Tune's ``OptunaSearch`` on the study's storage and sampler, claiming trials like a local worker.
 
     - :meth:`suggest` claims the next trial with :class:`~hpo.study.TrialClaims` (``FINISHED``
-      once the study holds its ``n_trials``), starts its heartbeat in this driver process and hands
-      its parameters to Tune.
+      once the study holds its ``n_trials``, or once ``stop`` fires: early stopping, recorded and
+      logged by the claim), starts its heartbeat in this driver process and hands its parameters
+      to Tune.
     - :meth:`report` (called by :class:`StudyScheduler` for every result but the last) records the
       running value at its step and asks the study's pruner.
     - :meth:`on_trial_complete` tells the study: COMPLETE after the last step, PRUNED when the
@@ -189,21 +191,24 @@ class StudySearcher(OptunaSearch):
         space: the search space; its distributions are what every trial is asked for.
         n_trials: finished trials the study should hold.
         on_told: called with the study and each trial once it is told (progress).
+        stop: the early-stopping rule (:func:`hpo.early_stopping.stopper`); ``None``: off.
     """
 
     def __init__(self, study: optuna.Study, storage: RDBStorage, claims: TrialClaims, space: LongRoPESearchSpace,
-                 n_trials: int, on_told: Callable[[optuna.Study, FrozenTrial], None]) -> None:
+                 n_trials: int, on_told: Callable[[optuna.Study, FrozenTrial], None],
+                 stop: StopRule | None = None) -> None:
         super().__init__(space=space.distributions(), metric=METRIC, mode="min", sampler=study.sampler,
                          storage=storage, study_name=study.study_name)
         self._ot_study.pruner = study.pruner  # OptunaSearch opens the study with a NopPruner
         self._claims = claims
         self._n_trials = n_trials
         self._on_told = on_told
+        self._stop = stop
         self._heartbeats: dict[str, BaseHeartbeatThread] = {}
         self._pruned: set[str] = set()
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        trial = self._claims.claim(self._ot_study, self._space, self._n_trials)
+        trial = self._claims.claim(self._ot_study, self._space, self._n_trials, self._stop)
         if trial is None:
             return Searcher.FINISHED
         self._ot_trials[trial_id] = trial
@@ -271,14 +276,17 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
     """:func:`hpo.study.run_search` with Ray Tune placing the trials; call :func:`connect` first.
 
     Runs trials until the study holds ``preset.search.n_trials`` finished ones (failed and pruned
-    count) and none runs. ``workload`` is the driver's (for the seeds' geometry); the workers load
-    their own.
+    count), or until early stopping fires as it does locally, and none runs. ``workload`` is the
+    driver's (for the seeds' geometry); the workers load their own.
     Tune's own files go to ``out_dir/ray_results``.
     """
     n_trials = preset.search.n_trials
     claims = open_claims(study, storage, space, workload.seeds(space))
+    stop = stopper(preset.search, study.sampler)
+    with claims.locked():
+        forget_stale_stop(study, stop)
     bar = TrialProgress(study, n_trials, progress)
-    searcher = StudySearcher(study, storage, claims, space, n_trials, bar.update)
+    searcher = StudySearcher(study, storage, claims, space, n_trials, bar.update, stop)
     # Tune passes this on to its trainables: they stay in the driver's directory, so relative
     # model and data paths in a preset work as they do locally.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")

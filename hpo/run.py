@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpo.cli import configure_logging
+from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
+from hpo.early_stopping import STOPPED_ATTR
 from hpo.outputs import write_outputs
 from hpo.study import (
     BackendError,
@@ -43,8 +44,6 @@ from studies import PresetError, StudyPreset, list_presets, load_preset
 
 logger = logging.getLogger("hpo.run")
 RAY_OPTIONS = ("address", "cpus_per_trial", "gpus_per_trial", "max_concurrent")  # hpo.ray_backend.RayOptions fields
-
-
 def _positive(kind: type, allow_zero: bool = False):
     """An argparse type: a number of ``kind`` that is > 0 (>= 0 with ``allow_zero``)."""
     def parse(text: str):
@@ -72,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-length", type=int, help="override the preset's target length in tokens")
     parser.add_argument("--samples", type=int, help="override the number of searched windows")
     parser.add_argument("--device", help="override the device: auto, cpu, cuda, cuda:N")
+    add_dtype_argument(parser, None, "override the preset's [model] dtype")
     parser.add_argument("--seed", type=int, help="override the search seed")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the final table")
     parser.add_argument("--no-pruning", action="store_true",
@@ -117,7 +117,7 @@ def print_presets() -> None:
 def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPreset:
     return preset.replace(target_length=args.target_length, storage=args.storage, search__n_trials=args.n_trials,
                           search__seed=args.seed, data__samples=args.samples, model__device=args.device,
-                          search__pruning=False if args.no_pruning else None)
+                          model__dtype=checked_dtype(args.dtype), search__pruning=False if args.no_pruning else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(format_comparison(rows, preset))
     print(f"\n{len(study.trials)} trials in the study; this run took {time.perf_counter() - started:.0f}s")
+    if reason := study.user_attrs.get(STOPPED_ATTR):
+        print(f"stopped early: {reason}")
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -22,7 +22,7 @@ from optuna.samplers import BaseGASampler, RandomSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
+from hpo.search_space import ATTENTION_SCALING_PARAM, CRITICAL_DIM_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
 from models.rope import RopeFactors
 
 # Study and trial system attributes. The generation and parent-cache keys come from
@@ -33,6 +33,11 @@ ROLE_KEY = "LongRoPESampler:role"
 PARENTS_KEY = "LongRoPESampler:parents"
 MUTANT = "mutant"
 CROSSOVER = "crossover"
+START_TOKENS = "start-tokens"  # a trial that re-evaluates another one with another n_hat (the sweep rule)
+SLOT_KEY = "LongRoPESampler:slot"  # with the sweep rule: the place in its generation a trial was proposed for
+PARENT_SWEEP = "parent-sweep"
+MUTANT_SWEEP = "mutant-sweep"
+START_TOKEN_SEARCHES = ("gene", "sweep")
 
 
 def _grid_index(value: float, step: float) -> int:
@@ -56,39 +61,48 @@ def mutate(
     search_space: LongRoPESearchSpace,
     rng: np.random.Generator,
     mutation_prob: float,
+    mutate_start_tokens: bool = True,
 ) -> dict[str, Any]:
-    """One mutation draw of ``params`` (a full, monotone parameter set of ``search_space``).
+    """One mutation draw of ``params`` (a full, ordered parameter set of ``search_space``).
 
     Each searched factor is, with probability ``mutation_prob``, redrawn uniformly from the
     ``step`` grid points between its two neighbours in ``params`` (the first between
     ``min_factor`` and its right neighbour, the last between its left neighbour and
-    ``max_factor``); it stays put when no grid point lies there. ``start_tokens`` moves to another
-    candidate and ``attention_scaling`` takes a Gaussian step (a tenth of its range, snapped to
+    ``max_factor``); it stays put when no grid point lies there. In LongRoPE2 mode the points
+    lie strictly between the neighbours, and the last factor at most ``last_factor_step`` above
+    its neighbour (the reference's ``dim_mono.py``). ``start_tokens`` moves to another
+    candidate (unless ``mutate_start_tokens`` is false: the sweep rule searches it) and
+    ``attention_scaling`` takes a Gaussian step (a tenth of its range, snapped to
     the grid, clipped to the range), each with the same probability.
 
-    Two adjacent factors drawn in the same call may cross, so the result is not always monotone:
+    Two adjacent factors drawn in the same call may cross, so the result is not always ordered:
     callers reject and redraw, as the reference search does.
     """
     space = search_space
-    names = space.factor_names
+    names = space.searched_names(params)
     values = [float(params[name]) for name in names]
     child = dict(params)
+    strict = space.longrope2
     for j, name in enumerate(names):
         if rng.random() >= mutation_prob:
             continue
-        low = values[j - 1] if j > 0 else space.min_factor
-        high = values[j + 1] if j + 1 < len(values) else space.upper
-        points = _grid_points(low, high, space.step)
+        left = values[j - 1] if j > 0 else None
+        right = values[j + 1] if j + 1 < len(values) else None
+        high = right if right is not None else space.upper
+        if right is None and left is not None and space.last_factor_step is not None:
+            high = min(high, left + space.last_factor_step)
+        points = [p for p in _grid_points(space.lower if left is None else left, high, space.step)
+                  if not strict or ((left is None or p > left + 1e-9) and (right is None or p < right - 1e-9))]
         if points:
             child[name] = points[int(rng.integers(len(points)))]
-    if space.searches_start_tokens and rng.random() < mutation_prob:
+    if mutate_start_tokens and space.searches_start_tokens and rng.random() < mutation_prob:
         others = [c for c in space.start_token_candidates if c != params[START_TOKENS_PARAM]]
         child[START_TOKENS_PARAM] = others[int(rng.integers(len(others)))]
     if space.attention_scaling_range is not None and rng.random() < mutation_prob:
         low, high = space.attention_scaling_range
         moved = float(params[ATTENTION_SCALING_PARAM]) + rng.normal(0.0, (high - low) / 10)
         child[ATTENTION_SCALING_PARAM] = min(max(_grid_value(_grid_index(moved, space.step), space.step), low), high)
-    return child
+    return space.with_derived(child) if space.sweeps_critical_dim else child
 
 
 def crossover(
@@ -151,10 +165,11 @@ class LongRoPESampler(BaseGASampler):
 
     Generations:
         Generation 0 holds ``population_size`` evaluated trials: the seeds of :func:`enqueue_seeds`
-        (if the study has them), then mutants of the YaRN seed, in LongRoPE2 mode too (of the first
-        seed if YaRN is missing; of a linear ramp from ``min_factor`` to ``s`` when there are no
-        seeds). A flat vector such as PI (or LongRoPE2's start, flat above ``d_c``) would be a poor
-        base: mutation keeps each gene between its neighbours, so only its two end genes could move.
+        (if the study has them), then mutants of seeds drawn from ``mutants_of`` (default
+        :attr:`LongRoPESearchSpace.mutation_roots`: PI, NTK and YaRN as the LongRoPE paper; the
+        NTK-shaped starts in LongRoPE2 mode, as its reference). The reference mutates its linearly
+        blended YaRN seed alone (``mutants_of=("yarn-linear",)``). A flat vector such as PI is a
+        narrow base: mutation keeps each gene between its neighbours, so only its end genes move.
 
         Every later generation holds ``num_mutants + num_crossovers`` evaluated (complete or pruned)
         trials: the first ``num_mutants`` are mutants, the rest crossover children.
@@ -190,6 +205,19 @@ class LongRoPESampler(BaseGASampler):
         then replaced by a mutant of the first of the two; with fewer than two parents every
         trial is a mutant (and its role says so).
 
+    Start tokens by the reference's rule (``start_token_search="sweep"``):
+        n_hat is then not mutated; instead each generation re-evaluates trials with other
+        n_hat values, as the reference's ``try_start_token`` does (microsoft/LongRoPE, longrope
+        branch, ``evolution/GeneticAlgorithm.py``). A later generation opens with the sweep of its
+        best ``sweep_parents`` parents not swept before (every other candidate on each), then its
+        mutants, then ``min(sweep_tries, candidates - 1)`` random other candidates on each of those
+        mutants, then its crossover children; generation 0 ends with the sweep of its best
+        ``sweep_parents`` trials. Each of these trials has the role :data:`START_TOKENS` and its
+        base trial as parent; a slot with nothing new to try (its parents were swept already) is
+        a mutant instead. A sweep trial is a parent only when it beat its base trial and every
+        other sweep of that base: the reference keeps an n_hat only if it lowered the perplexity.
+        :meth:`generation_size` counts the sweep slots, so they are spent from the trial budget.
+
     State and resume:
         Everything lives in the storage: the generation of each trial (trial system attr
         ``LongRoPESampler:generation``, set in :meth:`before_trial`), the parents of each
@@ -214,6 +242,12 @@ class LongRoPESampler(BaseGASampler):
         crossover_prob: probability that a crossover visits a given gene.
         max_tries: draws per operator before its fallback.
         seed: seed of every random choice; ``None`` draws one at construction.
+        start_token_search: ``"gene"`` (n_hat mutates and crosses over like the factors) or
+            ``"sweep"`` (the reference's rule, above); ``"sweep"`` needs several n_hat candidates.
+        sweep_parents: parents whose n_hat is swept per generation (the reference: 5).
+        sweep_tries: other n_hat values tried on each mutant (the reference: 5).
+        mutants_of: methods of the seeds whose mutants fill generation 0 (``None``: the space's
+            :attr:`~LongRoPESearchSpace.mutation_roots`); ignored in LongRoPE2 mode.
     """
 
     def __init__(
@@ -228,6 +262,10 @@ class LongRoPESampler(BaseGASampler):
         crossover_prob: float = 0.3,
         max_tries: int = 20,
         seed: int | None = None,
+        start_token_search: str = "gene",
+        sweep_parents: int = 5,
+        sweep_tries: int = 5,
+        mutants_of: Sequence[str] | None = None,
     ) -> None:
         if population_size < 1 or num_parents < 1 or max_tries < 1:
             raise ValueError("population_size, num_parents and max_tries must be >= 1")
@@ -235,6 +273,13 @@ class LongRoPESampler(BaseGASampler):
             raise ValueError("num_mutants and num_crossovers must be >= 0 and not both 0")
         if not (0.0 <= mutation_prob <= 1.0 and 0.0 <= crossover_prob <= 1.0):
             raise ValueError("mutation_prob and crossover_prob must be probabilities")
+        if start_token_search not in START_TOKEN_SEARCHES:
+            raise ValueError(f"start_token_search must be one of {', '.join(START_TOKEN_SEARCHES)}, "
+                             f"got {start_token_search!r}")
+        if start_token_search == "sweep" and not search_space.searches_start_tokens:
+            raise ValueError("start_token_search='sweep' needs several start token candidates to sweep")
+        if sweep_parents < 1 or sweep_tries < 1:
+            raise ValueError("sweep_parents and sweep_tries must be >= 1")
         super().__init__(population_size=population_size)
         self._space = search_space
         self._num_parents = num_parents
@@ -245,6 +290,12 @@ class LongRoPESampler(BaseGASampler):
         self._max_tries = max_tries
         self._seed = int(np.random.SeedSequence().entropy if seed is None else seed)
         self._random_sampler = RandomSampler(seed=seed)
+        self._mutation_roots = (search_space.mutation_roots if mutants_of is None or search_space.longrope2
+                                else tuple(mutants_of))
+        self._sweep = start_token_search == "sweep"
+        others = len(search_space.start_token_candidates) - 1
+        self._parent_sweeps = min(sweep_parents, num_parents) * others if self._sweep else 0
+        self._sweep_tries = min(sweep_tries, others) if self._sweep else 0
 
     @property
     def search_space(self) -> LongRoPESearchSpace:
@@ -257,9 +308,12 @@ class LongRoPESampler(BaseGASampler):
         self._random_sampler.reseed_rng()
 
     def generation_size(self, generation: int) -> int:
-        """Complete trials that make up ``generation``: ``population_size`` for 0, else mutants + crossovers."""
+        """Evaluated trials that make up ``generation``: ``population_size`` for 0, else mutants + crossovers;
+        plus the sweep slots with ``start_token_search="sweep"``."""
         assert self.population_size is not None
-        return self.population_size if generation == 0 else self._num_mutants + self._num_crossovers
+        if generation == 0:
+            return self.population_size + self._parent_sweeps
+        return self._parent_sweeps + self._num_mutants * (1 + self._sweep_tries) + self._num_crossovers
 
     def get_trial_generation(self, study: optuna.Study, trial: FrozenTrial) -> int:
         """The generation of ``trial``, assigned (and stored) on first call.
@@ -307,8 +361,21 @@ class LongRoPESampler(BaseGASampler):
             and self._space.has_all_params(t.params)
             and not beaten_by_a_pruned_trial(t)
         ]
+        candidates = [t for t in candidates if self._kept_by_the_sweep(t, earlier, sign)]
         candidates.sort(key=lambda t: (sign * t.value, t.number))
         return candidates[: self._num_parents]
+
+    @staticmethod
+    def _kept_by_the_sweep(trial: FrozenTrial, earlier: list[FrozenTrial], sign: float) -> bool:
+        """Whether a complete trial may breed under the sweep rule: a trial that re-evaluated another with
+        another n_hat only when it beat that base trial and the other sweeps of it (ties: the earlier)."""
+        if trial.system_attrs.get(ROLE_KEY) != START_TOKENS:
+            return True
+        base_number = trial.system_attrs[PARENTS_KEY][0]
+        family = [t for t in earlier if t.state == TrialState.COMPLETE and (
+            t.number == base_number
+            or (t.system_attrs.get(ROLE_KEY) == START_TOKENS and t.system_attrs[PARENTS_KEY][0] == base_number))]
+        return min(family, key=lambda t: (sign * t.value, t.number != base_number, t.number)) is trial
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._raise_error_if_multi_objective(study)
@@ -345,13 +412,25 @@ class LongRoPESampler(BaseGASampler):
         parent_params = [self._project(t.params) for t in parents]
 
         # A crossover needs two parents; strict pruning can leave one (see Parents).
-        role = self._role(trials, trial, generation) if len(parents) >= 2 else MUTANT
-        if not parents:
-            parent_numbers: list[int] = []
-            proposal = self._mutant(self._initial_params(study), seen, rng)
+        slot, index = self._sweep_slot(trials, trial, generation) if self._sweep else (None, 0)
+        if self._sweep:
+            role = slot if slot == CROSSOVER else MUTANT  # a sweep slot with nothing new to try is a mutant
+        else:
+            role = self._role(trials, trial, generation)
+        role = role if len(parents) >= 2 else MUTANT
+        variant = self._start_token_variant(study, trials, generation, parents, slot, index, seen) if slot else None
+        if variant is not None:
+            role, (parent_numbers, proposal) = START_TOKENS, variant
+        elif not parents:
+            parent_numbers = []
+            proposal = self._mutant(self._initial_params(study, rng), seen, rng)
         elif role == CROSSOVER:
             i, j = (int(k) for k in rng.choice(len(parents), size=2, replace=False))
-            child = self._crossover_child(parent_params[i], parent_params[j], seen, rng)
+            if self._space.sweeps_critical_dim:  # only parents of one critical dim have genes in common
+                mates = [k for k, p in enumerate(parent_params) if k != i
+                         and p[CRITICAL_DIM_PARAM] == parent_params[i][CRITICAL_DIM_PARAM]]
+                j = int(rng.choice(mates)) if mates else i
+            child = self._crossover_child(parent_params[i], parent_params[j], seen, rng) if j != i else None
             if child is None:
                 parent_numbers, proposal = [parents[i].number], self._mutant(parent_params[i], seen, rng)
             else:
@@ -364,7 +443,60 @@ class LongRoPESampler(BaseGASampler):
         storage.set_trial_system_attr(trial._trial_id, PROPOSAL_KEY, proposal)
         storage.set_trial_system_attr(trial._trial_id, ROLE_KEY, role)
         storage.set_trial_system_attr(trial._trial_id, PARENTS_KEY, parent_numbers)
+        if slot:
+            storage.set_trial_system_attr(trial._trial_id, SLOT_KEY, slot)
         return proposal
+
+    def _sweep_slot(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int) -> tuple[str, int]:
+        """With the sweep rule, ``trial``'s slot in its generation (see the class docstring) and its index
+        among the slots of that kind: the live (not failed) trials before it decide its position."""
+        key = self._get_generation_key()
+        position = sum(1 for t in trials if t.number != trial.number and t.state != TrialState.FAIL
+                       and t.system_attrs.get(key) == generation)
+        if generation == 0:
+            assert self.population_size is not None
+            blocks = [(MUTANT, self.population_size), (PARENT_SWEEP, self._parent_sweeps)]
+        else:
+            blocks = [(PARENT_SWEEP, self._parent_sweeps), (MUTANT, self._num_mutants),
+                      (MUTANT_SWEEP, self._num_mutants * self._sweep_tries), (CROSSOVER, self._num_crossovers)]
+        for slot, size in blocks:
+            if position < size:
+                return slot, position
+            position -= size
+        return blocks[-1][0], position  # past the generation's size: only while other workers' trials run
+
+    def _start_token_variant(self, study: optuna.Study, trials: list[FrozenTrial], generation: int,
+                             parents: list[FrozenTrial], slot: str, index: int,
+                             seen: set[tuple[int, ...]]) -> tuple[list[int], dict[str, Any]] | None:
+        """``([base number], base's parameters with another n_hat)`` for sweep slot ``index``, or ``None``
+        when the slot has nothing new to try (it is then a mutant)."""
+        key = self._get_generation_key()
+        candidates = self._space.start_token_candidates
+        if slot == PARENT_SWEEP:
+            ranked = self.select_parent(study, 1) if generation == 0 else parents
+            swept = {t.system_attrs[PARENTS_KEY][0] for t in trials if t.system_attrs.get(ROLE_KEY) == START_TOKENS
+                     and t.system_attrs.get(key, generation) < generation}
+            pairs = [(base, value) for base in ranked[: self._parent_sweeps // (len(candidates) - 1)]
+                     if base.number not in swept
+                     for value in candidates if value != base.params[START_TOKENS_PARAM]]
+            if index >= len(pairs):
+                return None
+            base, value = pairs[index]
+        elif slot == MUTANT_SWEEP:
+            mutants = sorted((t for t in trials if t.system_attrs.get(key) == generation
+                              and t.system_attrs.get(SLOT_KEY) == MUTANT and t.state != TrialState.FAIL),
+                             key=lambda t: t.number)
+            if index // self._sweep_tries >= len(mutants):
+                return None
+            base = mutants[index // self._sweep_tries]
+            base_params = base.params or base.system_attrs[PROPOSAL_KEY]  # a mutant still running has no params
+            others = [value for value in candidates if value != base_params[START_TOKENS_PARAM]]
+            # the same draw for every slot of this base, so its tries are distinct values
+            value = np.random.default_rng([self._seed, base.number, 1]).permutation(others)[index % self._sweep_tries]
+        else:
+            return None
+        params = {**self._project(base.params or base.system_attrs[PROPOSAL_KEY]), START_TOKENS_PARAM: int(value)}
+        return None if self._grid_key(params) in seen else ([base.number], params)
 
     def _role(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int) -> str:
         """Mutant until the generation has ``num_mutants`` live (not failed) mutants, crossover child after."""
@@ -382,7 +514,7 @@ class LongRoPESampler(BaseGASampler):
     def _mutant(self, parent: dict[str, Any], seen: set[tuple[int, ...]], rng: np.random.Generator) -> dict[str, Any]:
         draws = []
         for _ in range(self._max_tries):
-            child = mutate(parent, self._space, rng, self._mutation_prob)
+            child = mutate(parent, self._space, rng, self._mutation_prob, mutate_start_tokens=not self._sweep)
             if self._is_new_and_monotone(child, seen):
                 return child
             draws.append(self._project(child))
@@ -401,13 +533,15 @@ class LongRoPESampler(BaseGASampler):
     ) -> dict[str, Any] | None:
         for _ in range(self._max_tries):
             child = crossover(first, second, rng, self._crossover_prob)
+            if self._space.sweeps_critical_dim:
+                child = self._space.with_derived(child)
             if self._is_new_and_monotone(child, seen):
                 return child
         return None
 
     def _is_new_and_monotone(self, params: dict[str, Any], seen: set[tuple[int, ...]]) -> bool:
         factors = [params[name] for name in self._space.factor_names]
-        return self._space.is_monotone(factors) and self._grid_key(params) not in seen
+        return self._space.is_increasing(factors) and self._grid_key(params) not in seen
 
     def _project(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` clamped into bounds and made monotone (:meth:`LongRoPESearchSpace.to_params`)."""
@@ -420,6 +554,8 @@ class LongRoPESampler(BaseGASampler):
             key.append(int(params[START_TOKENS_PARAM]))
         if self._space.searches_attention_scaling:
             key.append(_grid_index(params[ATTENTION_SCALING_PARAM], step))
+        if self._space.sweeps_critical_dim:
+            key.append(int(params[CRITICAL_DIM_PARAM]))
         return tuple(key)
 
     def _known_params(self, trial: FrozenTrial) -> list[Mapping[str, Any]]:
@@ -427,19 +563,21 @@ class LongRoPESampler(BaseGASampler):
         candidates = (trial.params, trial.system_attrs.get("fixed_params"), trial.system_attrs.get(PROPOSAL_KEY))
         return [p for p in candidates if p and self._space.has_all_params(p)]
 
-    def _initial_params(self, study: optuna.Study) -> dict[str, Any]:
-        """The vector whose mutants fill generation 0 (and any generation left without parents)."""
+    def _initial_params(self, study: optuna.Study, rng: np.random.Generator) -> dict[str, Any]:
+        """The vector whose mutant fills a place of generation 0 (and of any generation left without
+        parents): a seed of ``mutants_of`` drawn at random, else the first seed, else a linear ramp
+        from ``min_factor`` to ``s`` when there are no seeds."""
         seeds = study._storage.get_study_system_attrs(study._study_id).get(SEEDS_KEY, [])
-        for record in seeds:
-            if record["method"] == "yarn":
-                return self._project(record["params"])
-        if seeds:
-            return self._project(seeds[0]["params"])
+        roots = [record for record in seeds if record["method"] in self._mutation_roots] or seeds[:1]
+        if roots:
+            # one root draws nothing, so plain LongRoPE studies keep the random stream they always had
+            root = roots[int(rng.integers(len(roots)))] if len(roots) > 1 else roots[0]
+            return self._project(root["params"])
         space = self._space
         top = min(space.scale, space.upper)
         count = len(space.factor_names)
         params: dict[str, Any] = {
-            name: space.min_factor + (top - space.min_factor) * (j + 1) / count
+            name: space.lower + (top - space.lower) * (j + 1) / count
             for j, name in enumerate(space.factor_names)
         }
         params[START_TOKENS_PARAM] = space.start_token_candidates[0]

@@ -43,10 +43,11 @@ from optuna.storages._rdb.models import TrialHeartbeatModel
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from hpo.early_stopping import StopRule, forget_stale_stop, record_stop, stopper
 from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.sampler import LongRoPESampler, enqueue_seeds
 from hpo.search_space import LongRoPESearchSpace
-from models.baselines import baseline, critical_dimension
+from models.baselines import baseline, critical_dimension, yarn
 from models.loading import load_model
 from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
@@ -284,7 +285,7 @@ def load_workload(preset: StudyPreset) -> Workload:
         if samples == 0:
             return [], None
         windows = load_windows(data.source, tokenizer, preset.target_length, samples, first_window=first,
-                               mode=data.window_mode)
+                               mode=data.window_mode, min_tokens=data.min_tokens)
         if preset.fitness.kind == "needle-perplexity":
             return needle_windows(windows, tokenizer, preset.fitness.needles, seed=preset.search.seed + first)
         return windows, None
@@ -299,15 +300,22 @@ def search_space_for(preset: StudyPreset, workload: Workload) -> LongRoPESearchS
     search = preset.search
     geometry = workload.geometry
     short = workload.stage is not None and workload.stage.mode == "short"
-    critical_dim = critical_dimension(geometry) if search.critical_dim == "auto" else search.critical_dim
+    swept = search.critical_dim if isinstance(search.critical_dim, tuple) else ()
+    if search.critical_dim == "auto":
+        critical_dim = critical_dimension(geometry)
+    else:
+        critical_dim = min(swept or [search.critical_dim])
     return LongRoPESearchSpace(
         num_factors=geometry.num_factors,
         original_length=geometry.original_length,
         target_length=workload.stage.factors.target_length if short else preset.target_length,
-        max_factor=search.max_factor,
+        max_factor=search.length_scale if critical_dim else search.max_factor,
         start_token_candidates=search.start_tokens,
         attention_scaling_range=search.attention_scaling,
         critical_dim=critical_dim,
+        yarn_beta_fast=search.yarn_beta_fast,
+        yarn_beta_slow=search.yarn_beta_slow,
+        critical_dims=swept,
     )
 
 
@@ -316,7 +324,8 @@ def sampler_for(preset: StudyPreset, space: LongRoPESearchSpace) -> LongRoPESamp
     return LongRoPESampler(space, population_size=search.population, num_parents=search.parents,
                            num_mutants=search.mutants, num_crossovers=search.crossovers,
                            mutation_prob=search.mutation_prob, crossover_prob=search.crossover_prob,
-                           seed=search.seed)
+                           seed=search.seed, start_token_search=search.start_token_search,
+                           mutants_of=search.mutants_of)
 
 
 def pruner_for(preset: StudyPreset) -> optuna.pruners.BasePruner:
@@ -340,7 +349,7 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSp
         study.set_user_attr("preset", preset.name)
         if stage:
             study.set_user_attr("stage", stage.to_record())
-    elif recorded != current:
+    elif LongRoPESearchSpace.from_record(recorded) != space:
         raise ValueError(f"study {preset.name!r} in this storage was searched with {recorded}, "
                          f"not {current}; use another --out/--storage to start a new study")
     elif study.user_attrs.get("stage") != (stage.to_record() if stage else None):
@@ -428,13 +437,20 @@ class TrialClaims:
         return self._lock()
 
     def claim(self, study: optuna.Study, distributions: dict[str, BaseDistribution],
-              n_trials: int) -> optuna.Trial | None:
-        """The next trial of ``study``, asked with ``distributions``; ``None`` once ``n_trials`` are claimed."""
+              n_trials: int, stop: StopRule | None = None) -> optuna.Trial | None:
+        """The next trial of ``study``, asked with ``distributions``; ``None`` once ``n_trials`` are claimed.
+
+        Also ``None`` once ``stop`` (:func:`hpo.early_stopping.stopper`) gives a reason to stop early:
+        the reason is then recorded in the study's ``early_stopped`` user attr and logged.
+        """
         with self.locked(), warnings.catch_warnings():
             # Optuna warns when heartbeats are used outside study.optimize; callers keep the heartbeat.
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
             self._fail_dead_trials(study)
             if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= n_trials:
+                return None
+            if stop is not None and (reason := stop(study)) is not None:
+                record_stop(study, reason)
                 return None
             trial = study.ask(distributions)
             if is_heartbeat_enabled(self._storage):
@@ -563,14 +579,19 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
 
     Trials are claimed through :class:`TrialClaims`, so any number of processes may run this on one
     storage at the same time: together they finish exactly that many trials, and each returns once
-    the study has them all (it waits for the others' last trials).
+    the study has them all (it waits for the others' last trials). With ``[search]
+    early_stop_generations`` they stop claiming sooner, once the best value has stalled
+    (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
     """
     n_trials = preset.search.n_trials
     claims = open_claims(study, storage, space, workload.seeds(space))
+    stop = stopper(preset.search, study.sampler)
+    with claims.locked():
+        forget_stale_stop(study, stop)
     objective = make_objective(workload, space, workload.schedule(preset.search))
     bar = TrialProgress(study, n_trials, progress)
     try:
-        while (trial := claims.claim(study, space.distributions(), n_trials)) is not None:
+        while (trial := claims.claim(study, space.distributions(), n_trials, stop)) is not None:
             bar.update(study, run_trial(study, trial, objective))
         claims.wait(study)
     finally:
@@ -588,14 +609,16 @@ def _matching_trial_value(study: optuna.Study, space: LongRoPESearchSpace, facto
 
 
 def reference_candidates(workload: Workload, space: LongRoPESearchSpace) -> list[tuple[str, RopeFactors]]:
-    """What the best trial is compared with: the baselines, on top of a longer stage's factors; for a
-    short stage, no rescaling (factors 1: what the export uses within the window without a short search)
-    and the long factors."""
+    """What the best trial is compared with: the baselines (YaRN with the preset's betas), on top of a
+    longer stage's factors; for a short stage, no rescaling (factors 1: what the export uses within the
+    window without a short search) and the long factors."""
     stage = workload.stage
     if stage and stage.mode == "short":
         return [("none", baseline("none", workload.model_geometry, space.target_length)),
                 (f"{stage.from_study} long factors", stage.factors)]
-    candidates = [(name, baseline(name, workload.geometry, space.target_length)) for name in REFERENCE_METHODS]
+    candidates = [(name, yarn(workload.geometry, space.target_length, space.yarn_beta_fast, space.yarn_beta_slow)
+                   if name == "yarn" else baseline(name, workload.geometry, space.target_length))
+                  for name in REFERENCE_METHODS]
     if stage:
         return [(f"{stage.from_study} only" if name == "none" else f"{stage.from_study} + {name}", factors)
                 for name, factors in candidates]
@@ -604,14 +627,24 @@ def reference_candidates(workload: Workload, space: LongRoPESearchSpace) -> list
 
 def compare_with_baselines(study: optuna.Study, workload: Workload, space: LongRoPESearchSpace) -> list[dict]:
     """Perplexity of the best trial and each reference (:func:`reference_candidates`) on the searched
-    and held-out windows.
+    and held-out windows; with a sweep of LongRoPE2 critical dims, also of the best trial of each
+    (before the overall best, which stays the last row).
 
     Each figure is stored in the study's user attrs once computed, so a resumed
     run does not pay for it again.
     """
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = study.best_trial
+    found = []
+    for critical_dim in space.critical_dims if space.sweeps_critical_dim else ():
+        trials = [t for t in complete if space.critical_dim_of(t.params) == critical_dim]
+        if trials:
+            top = min(trials, key=lambda t: (t.value, t.number))
+            found.append((f"critical dim {critical_dim} (trial {top.number})", top))
+    found.append((f"longrope (trial {best.number})", best))
     candidates = reference_candidates(workload, space)
-    candidates.append((f"longrope (trial {best.number})", space.to_factors(best.params)))
+    candidates += [(name, space.to_factors(trial.params)) for name, trial in found]
+    searched_values = {name: trial.value for name, trial in found}
     rows = []
     for name, factors in candidates:
         row = {"method": name}
@@ -621,7 +654,7 @@ def compare_with_baselines(study: optuna.Study, workload: Workload, space: LongR
             key = f"{split}:{name}"
             value = study.user_attrs.get(key)
             if value is None and not heldout:
-                value = best.value if name.startswith("longrope") else _matching_trial_value(study, space, factors)
+                value = searched_values.get(name) or _matching_trial_value(study, space, factors)
             if value is None:
                 value, _ = workload.fitness(factors, heldout=heldout, desc=f"{name} ({split})")
             study.set_user_attr(key, value)

@@ -13,6 +13,11 @@ from collections.abc import Callable
 
 from models.rope import RopeFactors, RopeGeometry
 
+YARN_BLENDS = ("inv_freq", "factor")
+# LongRoPE2's NTK-shaped starts rise by this much per dim from the critical dim on (the reference's
+# ntk_init), so that they are strictly increasing there, as its search space requires.
+LONGROPE2_INCREMENT = 0.1
+
 
 def length_scale(geometry: RopeGeometry, target_length: int) -> float:
     """``s = target / original``, never below 1: shorter inputs need no rescaling."""
@@ -77,12 +82,19 @@ def yarn(
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
     attention_scaling: float | None = None,
+    blend: str = "inv_freq",
 ) -> RopeFactors:
     """YaRN: extrapolate fast dims (factor 1), interpolate slow dims (factor s), linear ramp between.
 
     The ramp bounds are the correction dims for ``beta_fast`` and ``beta_slow``
     rotations, floored/ceiled as transformers' ``yarn`` does, so the two agree.
+    ``blend="inv_freq"`` (YaRN itself, and transformers) blends inverse frequencies along the
+    ramp: ``1/lambda = (1-r) + r/s``. ``blend="factor"`` blends the factors, ``lambda = (1-r) + r s``,
+    as the LongRoPE reference builds its YaRN seed (``evolution/search.py``); its factors are larger
+    inside the ramp, and its method is ``yarn-linear``.
     """
+    if blend not in YARN_BLENDS:
+        raise ValueError(f"unknown YaRN blend {blend!r}; choose from {', '.join(YARN_BLENDS)}")
     scale = length_scale(geometry, target_length)
     low = max(math.floor(yarn_correction_dim(geometry, beta_fast)), 0)
     high = min(math.ceil(yarn_correction_dim(geometry, beta_slow)), geometry.rotary_dim - 1)
@@ -91,14 +103,13 @@ def yarn(
     factors = []
     for i in range(geometry.num_factors):
         ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0 = extrapolate, 1 = interpolate
-        # transformers blends inverse frequencies, not factors: 1/lambda = (1-r)/1 + r/s
-        factors.append(1.0 / ((1.0 - ramp) + ramp / scale))
+        factors.append(1.0 / ((1.0 - ramp) + ramp / scale) if blend == "inv_freq" else (1.0 - ramp) + ramp * scale)
     return RopeFactors(
         rescale_factors=tuple(factors),
         original_length=geometry.original_length,
         target_length=target_length,
         attention_scaling=yarn_attention_scaling(scale) if attention_scaling is None else attention_scaling,
-        method="yarn",
+        method="yarn" if blend == "inv_freq" else "yarn-linear",
         metadata={"beta_fast": beta_fast, "beta_slow": beta_slow},
     )
 
@@ -121,24 +132,25 @@ def longrope2_initial(
 ) -> RopeFactors:
     """LongRoPE2's NTK-shaped start: ``lambda_i = lambda_dc^(i/d_c)`` below the critical dim.
 
-    At and above ``d_c`` the factor is ``max(lambda_dc, NTK's factor)``, so the
-    vector is monotone and those dims are at least fully interpolated.
-    ``critical_factor`` (``lambda_dc``) defaults to ``s``.
+    From ``d_c`` on the factors rise from ``lambda_dc`` by :data:`LONGROPE2_INCREMENT` per dim,
+    as the reference's ``ntk_init`` builds them (J-shang/LongRoPE ``genetic_base.py``), so the vector
+    is strictly increasing and those dims are at least fully interpolated. ``critical_factor``
+    (``lambda_dc``) defaults to ``s``.
     """
     scale = length_scale(geometry, target_length)
     d_c = critical_dimension(geometry) if critical_dim is None else critical_dim
     if not 0 < d_c < geometry.num_factors:
         raise ValueError(f"critical_dim must be in 1..{geometry.num_factors - 1}, got {d_c}")
     lambda_c = scale if critical_factor is None else critical_factor
-    ntk = ntk_aware(geometry, target_length).rescale_factors
-    factors = [lambda_c ** (i / d_c) if i < d_c else max(lambda_c, ntk[i]) for i in range(geometry.num_factors)]
+    factors = [lambda_c ** (i / d_c) if i < d_c else lambda_c + LONGROPE2_INCREMENT * (i - d_c)
+               for i in range(geometry.num_factors)]
     return RopeFactors(
         rescale_factors=tuple(factors),
         original_length=geometry.original_length,
         target_length=target_length,
         attention_scaling=longrope_attention_scaling(scale, geometry.original_length),
         method="longrope2-init",
-        metadata={"critical_dim": d_c},
+        metadata={"critical_dim": d_c, "critical_factor": lambda_c},
     )
 
 

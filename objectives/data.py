@@ -13,6 +13,11 @@ the first ``length`` tokens of each document long enough, optionally starting
 with BOS. ``stream`` joins all documents and cuts consecutive windows, which
 suits a corpus of many short texts such as the essays. Asking for more than the
 corpus holds is an error, never a silently shorter window.
+
+``min_tokens`` (``documents`` mode only) reads PG19 as the LongRoPE reference
+does (``--dataset-min-tokens 131072``): only documents of at least that many
+tokens count, so the same few long books are measured at every target length,
+instead of whichever documents happen to be just long enough.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ def _read_hf_dataset(name: str, split: str) -> list[str]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as error:  # network, auth and format errors all surface differently
-        raise DataError(f"could not load dataset {name!r} split {split!r} (offline?): {error}. "
+        reason = " ".join(str(error).split())  # one line: some hub errors span several
+        raise DataError(f"could not load dataset {name!r} split {split!r} (offline?): {reason}. "
                         "Pass a local .txt/.jsonl/.parquet file instead.") from None
     return [str(text) for text in dataset["text"]]
 
@@ -133,24 +139,31 @@ def token_windows(
     first_window: int = 0,
     bos_token_id: int | None = None,
     mode: str = "documents",
+    min_tokens: int | None = None,
 ) -> list[torch.Tensor]:
     """``samples`` windows of exactly ``length`` tokens, skipping the first ``first_window``.
 
-    ``documents`` mode takes one window per stream long enough; ``stream`` mode
-    cuts consecutive windows from the single joined stream. With
-    ``bos_token_id``, each window is BOS followed by ``length - 1`` tokens.
+    ``documents`` mode takes one window per stream long enough: at least the window's
+    text and at least ``min_tokens``. ``stream`` mode cuts consecutive windows from
+    the single joined stream, where documents and so ``min_tokens`` have no meaning
+    (an error, not silently ignored). With ``bos_token_id``, each window is BOS
+    followed by ``length - 1`` tokens.
     """
     if length < 2 or samples < 1:
         raise DataError(f"need length >= 2 and samples >= 1, got length={length}, samples={samples}")
     body = length - (bos_token_id is not None)
     if mode == "stream":
+        if min_tokens is not None:
+            raise DataError("min_tokens selects long documents; stream mode joins them into one stream: "
+                            "use documents mode or leave min_tokens unset")
         stream = torch.cat(list(streams))
         available = stream.numel() // body
         bodies = [stream[i * body:(i + 1) * body] for i in range(available)]
         what = f"the corpus holds {stream.numel():,} tokens, {available} windows of {length:,}"
     elif mode == "documents":
-        bodies = [s[:body] for s in streams if s.numel() >= body]
-        what = f"{len(bodies)} of its {len(streams)} documents have at least {body:,} tokens"
+        shortest = max(body, min_tokens or 0)
+        bodies = [s[:body] for s in streams if s.numel() >= shortest]
+        what = f"{len(bodies)} of its {len(streams)} documents have at least {shortest:,} tokens"
     else:
         raise DataError(f"unknown window mode {mode!r}; choose from {', '.join(WINDOW_MODES)}")
     needed = first_window + samples
@@ -172,17 +185,20 @@ def load_windows(
     first_window: int = 0,
     mode: str | None = None,
     add_bos: bool | None = None,
+    min_tokens: int | None = None,
 ) -> list[torch.Tensor]:
     """Read ``source``, tokenize it and cut ``samples`` windows of ``length`` tokens.
 
     ``mode`` defaults to :func:`default_window_mode`; ``add_bos`` defaults to True
     in ``documents`` mode (the papers' BOS + L-1 tokens) and False in ``stream`` mode.
+    ``min_tokens`` keeps only documents at least that long (see :func:`token_windows`).
     """
     mode = mode or default_window_mode(source)
     add_bos = (mode == "documents") if add_bos is None else add_bos
     streams = tokenize_documents(load_documents(source), tokenizer, mode)
     bos = tokenizer.bos_token_id if add_bos else None
     try:
-        return token_windows(streams, length, samples, first_window=first_window, bos_token_id=bos, mode=mode)
+        return token_windows(streams, length, samples, first_window=first_window, bos_token_id=bos, mode=mode,
+                             min_tokens=min_tokens)
     except DataError as error:
         raise DataError(f"{source}: {error}") from None

@@ -103,32 +103,40 @@ def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], *, progress: b
 
 
 def sliding_window_perplexity(model: nn.Module, stream: torch.Tensor, window: int, stride: int, *,
-                              max_tokens: int | None = None, progress: bool = True,
-                              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PerplexityResult:
+                              max_tokens: int | None = None, bos_token_id: int | None = None,
+                              progress: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PerplexityResult:
     """Perplexity of a long stream read in windows of ``window`` tokens moved by ``stride``.
 
-    Each token is scored once, with up to ``window - stride`` tokens of context
-    carried over from the previous window. ``max_tokens`` caps how much of the
-    stream is read.
+    Each token is scored once; a window's stream tokens before the last ``stride``
+    are context carried over from the previous window. ``max_tokens`` caps how
+    much of the stream is read. With ``bos_token_id``, each window is BOS followed
+    by ``window - 1`` tokens of the stream, as the LongRoPE reference
+    (``evaluation/perplexity.py``) measures: BOS is prepended, never scored, and
+    the stream's first token is scored as predicted from BOS alone. The model then
+    sees a sequence start at position 0, as in pretraining, rather than text cut
+    mid-sentence.
     """
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    bos = [] if bos_token_id is None else [bos_token_id]
+    body = window - len(bos)  # stream tokens per window
+    if not 0 < stride <= body:  # a longer stride would skip tokens
+        raise ValueError(f"need 0 < stride <= {'window - 1 (BOS takes one)' if bos else 'window'}, "
+                         f"got stride={stride}, window={window}")
     stream = stream.reshape(-1)
     end_of_stream = stream.numel() if max_tokens is None else min(stream.numel(), max_tokens)
-    if end_of_stream < window:
+    if end_of_stream < body:
         raise ValueError(f"text too short: {end_of_stream:,} tokens for a window of {window:,}")
     started = time.perf_counter()
     result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0)
     scored_until = 0
-    starts = list(range(0, end_of_stream - window + 1, stride))
+    starts = list(range(0, end_of_stream - body + 1, stride))
     for step, begin in enumerate(starts):
-        chunk = stream[begin:begin + window]
-        score_from = scored_until - begin  # tokens before this were scored by an earlier window
+        chunk = torch.cat([torch.tensor(bos, dtype=stream.dtype), stream[begin:begin + body]])
+        score_from = scored_until - begin + len(bos)  # tokens before this were scored by an earlier window
         with layer_progress(model, f"sliding window [{step + 1}/{len(starts)}]", progress):
             nll, count = window_nll(model, chunk, score_from=score_from, chunk_tokens=chunk_tokens)
         result.nll_sum += nll
         result.tokens += count
         result.window_perplexities.append(math.exp(nll / count))
-        scored_until = begin + window
+        scored_until = begin + body
     result.seconds = time.perf_counter() - started
     return result

@@ -18,6 +18,8 @@ from typing import Any
 PRESET_DIR = Path(__file__).parent
 FITNESS_KINDS = ("perplexity", "needle-perplexity")
 EXTEND_MODES = ("longer", "short")
+START_TOKEN_SEARCHES = ("gene", "sweep")  # as hpo.sampler.START_TOKEN_SEARCHES (presets sit below the search)
+SEED_METHODS = ("pi", "ntk", "yarn", "yarn-linear")  # the methods of LongRoPESearchSpace.seeds (plain LongRoPE)
 
 
 class PresetError(ValueError):
@@ -41,6 +43,7 @@ class DataSpec:
     window_mode: str | None = None  # default: stream for the essays, documents otherwise
     heldout_samples: int = 1
     heldout_first_window: int | None = None  # default: right after the searched windows
+    min_tokens: int | None = None  # documents mode: only documents this long (the reference's --dataset-min-tokens)
 
     @property
     def heldout_start(self) -> int:
@@ -64,8 +67,13 @@ class SearchSpec:
     crossover_prob: float = 0.3
     start_tokens: tuple[int, ...] = (0,)
     attention_scaling: tuple[float, float] | None = None  # searched range; None = LongRoPE's default
-    max_factor: float | None = None  # default: scale + 1
-    critical_dim: int | str = 0  # LongRoPE2: "auto" or a dim index; 0 searches every dim
+    max_factor: float | None = None  # default: scale + 1 (LongRoPE); in LongRoPE2 mode use length_scale
+    critical_dim: int | str | tuple[int, ...] = 0  # LongRoPE2: "auto", a dim index or a list to sweep; 0: every dim
+    length_scale: float | None = None  # LongRoPE2: upper bound of the searched factors (reference: 64 at s=32); 2 s
+    yarn_beta_fast: float = 32.0  # the YaRN seeds' ramp (and the YaRN row of the comparison); Mistral: 128
+    yarn_beta_slow: float = 1.0  # Mistral in the reference: 2
+    start_token_search: str = "gene"  # n_hat mutates like the factors; "sweep": the reference's try-and-keep rule
+    mutants_of: tuple[str, ...] = ("pi", "ntk", "yarn")  # generation 0's mutants (paper); reference: ["yarn-linear"]
     seed: int = 0
     # Multi-fidelity pruning (hpo/pruning.py): a trial is measured window by window and stopped once its
     # running perplexity is behind the `pruning_rank` (default `parents`) best complete trials at the same step
@@ -74,6 +82,10 @@ class SearchSpec:
     pruning_margin: float = 0.01  # relative: prune when value > (1 + margin) * the rank-th best complete value
     pruning_rank: int | None = None  # default `parents` (keeps the search); fewer prunes more, maybe a would-be parent
     pruning_prefixes: tuple[float, ...] = ()  # extra rungs: window 0 cut to these fractions of its length first
+    # Early stopping (hpo/early_stopping.py), the reference's rule: stop once the best value changed by less than
+    # `early_stop_delta` (absolute) over the last `early_stop_generations` generations; None = off.
+    early_stop_delta: float = 0.001
+    early_stop_generations: int | None = None
 
 
 @dataclass(frozen=True)
@@ -197,8 +209,29 @@ def _checked(preset: StudyPreset) -> StudyPreset:
     ):
         problems.append(f"search.attention_scaling must be [low, high] with 0 < low <= high, "
                         f"got {search.attention_scaling!r}")
-    if not (search.critical_dim == "auto" or (isinstance(search.critical_dim, int) and search.critical_dim >= 0)):
-        problems.append(f"search.critical_dim must be 'auto' or an integer >= 0, got {search.critical_dim!r}")
+    swept = search.critical_dim if isinstance(search.critical_dim, tuple) else None
+    if swept is not None:
+        if not swept or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in swept):
+            problems.append(f"search.critical_dim as a list sweeps LongRoPE2 critical dims: integers >= 1, "
+                            f"got {swept!r}")
+    elif not (search.critical_dim == "auto" or (isinstance(search.critical_dim, int) and search.critical_dim >= 0)):
+        problems.append(f"search.critical_dim must be 'auto', an integer >= 0 or a list of integers, "
+                        f"got {search.critical_dim!r}")
+    if search.length_scale is not None and (search.critical_dim == 0 or search.max_factor is not None):
+        problems.append("search.length_scale bounds LongRoPE2's searched factors: it needs search.critical_dim and "
+                        "replaces search.max_factor there")
+    length_scale = search.length_scale
+    if length_scale is not None and not (isinstance(length_scale, int | float) and length_scale > 1):
+        problems.append(f"search.length_scale must be a number > 1, got {search.length_scale!r}")
+    if search.start_token_search not in START_TOKEN_SEARCHES:
+        problems.append(f"search.start_token_search must be one of {', '.join(START_TOKEN_SEARCHES)}, "
+                        f"got {search.start_token_search!r}")
+    elif search.start_token_search == "sweep" and len(search.start_tokens) < 2:
+        problems.append("search.start_token_search = 'sweep' needs several search.start_tokens to try")
+    if not search.mutants_of or not set(search.mutants_of) <= set(SEED_METHODS):
+        problems.append(f"search.mutants_of must name seeds among {', '.join(SEED_METHODS)}, got {search.mutants_of!r}")
+    if not all(isinstance(b, int | float) and b > 0 for b in (search.yarn_beta_fast, search.yarn_beta_slow)):
+        problems.append("search.yarn_beta_fast and search.yarn_beta_slow must be positive numbers")
     if not isinstance(search.pruning, bool):
         problems.append(f"search.pruning must be true or false, got {search.pruning!r}")
     if not isinstance(search.pruning_margin, int | float) or search.pruning_margin < 0:
@@ -211,10 +244,22 @@ def _checked(preset: StudyPreset) -> StudyPreset:
     if (not all(isinstance(f, int | float) and 0 < f < 1 for f in prefixes)
             or any(a >= b for a, b in itertools.pairwise(prefixes))):
         problems.append(f"search.pruning_prefixes must be increasing fractions in (0, 1), got {prefixes!r}")
+    delta = search.early_stop_delta
+    if not isinstance(delta, int | float) or isinstance(delta, bool) or not delta >= 0:  # `not >=` rejects NaN
+        problems.append(f"search.early_stop_delta must be a number >= 0, got {delta!r}")
+    patience = search.early_stop_generations
+    if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
+        problems.append(f"search.early_stop_generations must be a positive integer (or absent: off), "
+                        f"got {patience!r}")
     for name in ("samples", "heldout_samples"):
         value = getattr(preset.data, name)
         if not isinstance(value, int) or value < 0 or (name == "samples" and value == 0):
             problems.append(f"data.{name} must be a positive integer, got {value!r}")
+    min_tokens = preset.data.min_tokens
+    if min_tokens is not None and (not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 1):
+        problems.append(f"data.min_tokens must be a positive integer, got {min_tokens!r}")
+    if min_tokens is not None and preset.data.window_mode == "stream":
+        problems.append("data.min_tokens selects long documents; window_mode 'stream' joins them: remove one")
     tune = preset.finetune
     for name in ("steps", "batch_size", "gradient_accumulation", "lora_rank", "save_every", "eval_every"):
         value = getattr(tune, name)

@@ -87,6 +87,22 @@ def test_longrope2_initial_is_ntk_shaped_below_the_critical_dim():
     for i in range(33):
         assert factors[i] == pytest.approx(20.0 ** (i / 33))
     assert all(f >= 20.0 for f in factors[33:])
+    # from d_c on: strictly increasing by 0.1 per dim, as the reference's ntk_init
+    assert factors[33:] == pytest.approx([20.0 + 0.1 * k for k in range(64 - 33)])
+
+
+def test_yarn_with_factors_blended_linearly_as_the_reference_seed():
+    """The reference blends factors (lambda = (1-r) + r s); YaRN itself blends inverse frequencies."""
+    true_yarn = yarn(LLAMA3, 32768, beta_fast=128, beta_slow=2).rescale_factors
+    linear = yarn(LLAMA3, 32768, beta_fast=128, beta_slow=2, blend="factor")
+    assert linear.method == "yarn-linear" and linear.metadata == {"beta_fast": 128, "beta_slow": 2}
+    ramp = [(f - 1.0) / (4.0 - 1.0) for f in linear.rescale_factors]  # r recovered from lambda = 1 + r (s - 1)
+    assert all(0.0 <= r <= 1.0 for r in ramp)
+    assert true_yarn == pytest.approx([1.0 / ((1 - r) + r / 4.0) for r in ramp])
+    inside = [i for i, r in enumerate(ramp) if 0 < r < 1]
+    assert inside and all(linear.rescale_factors[i] > true_yarn[i] for i in inside)
+    with pytest.raises(ValueError, match="blend"):
+        yarn(LLAMA3, 32768, blend="angle")
 
 
 def test_unknown_baseline():

@@ -1,14 +1,19 @@
-"""Corpora and windows: every source type, both window modes, and the too-short errors."""
+"""Corpora and windows: every source type, both window modes, min_tokens, and the too-short and offline errors."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from objectives.data import DataError, load_documents, token_windows
+from objectives.data import DataError, load_documents, load_windows, token_windows
+from studies import PresetError, load_preset
 
 
 def streams(*lengths: int) -> list[torch.Tensor]:
@@ -78,3 +83,78 @@ def test_embedded_essays_are_real_text():
     assert len(documents) > 40
     assert sum(len(d) for d in documents) > 500_000
     assert "startup" in " ".join(documents).lower()
+
+
+def test_min_tokens_keeps_only_long_documents_like_the_reference():
+    # documents of 50, 10, 40, 30 tokens; windows of BOS + 19 need 19, min_tokens raises the bar to 35
+    windows = token_windows(streams(50, 10, 40, 30), length=20, samples=2, bos_token_id=7, mode="documents",
+                            min_tokens=35)
+    assert [w.tolist() for w in windows] == [[7, *range(19)], [7, *range(2000, 2019)]]
+    # below the window's own need it changes nothing: a window is never shorter than asked
+    assert token_windows(streams(50, 10, 40), length=20, samples=2, mode="documents", min_tokens=5)[1][0] == 2000
+    with pytest.raises(DataError, match="2 of its 4 documents have at least 35 tokens"):
+        token_windows(streams(50, 10, 40, 30), length=20, samples=3, mode="documents", min_tokens=35)
+
+
+def test_min_tokens_in_stream_mode_is_an_error():
+    with pytest.raises(DataError, match="min_tokens selects long documents"):
+        token_windows([torch.arange(100)], length=20, samples=1, mode="stream", min_tokens=50)
+
+
+def test_min_tokens_reaches_load_windows(tmp_path):
+    for name, words in (("a.txt", 10), ("b.txt", 400), ("c.txt", 200)):
+        (tmp_path / name).write_text(" ".join(["word"] * words))
+
+    class WordTokenizer:  # one token per word; enough for load_windows and its token cache
+        bos_token_id = 7
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+            return {"input_ids": [1] * len(text.split())}
+
+        def __len__(self) -> int:
+            return 8
+
+    windows = load_windows(str(tmp_path), WordTokenizer(), 8, 2, min_tokens=100)
+    assert len(windows) == 2  # b and c: a is long enough for a window but below min_tokens
+    with pytest.raises(DataError, match=f"{tmp_path}: text too short: 3 windows .* 2 of its 3 documents have at "
+                                        "least 100 tokens"):
+        load_windows(str(tmp_path), WordTokenizer(), 8, 1, first_window=2, min_tokens=100)
+
+
+def test_preset_min_tokens_is_checked():
+    preset = load_preset("tiny")
+    assert preset.data.min_tokens is None
+    assert preset.replace(data__window_mode="documents", data__min_tokens=300).data.min_tokens == 300
+    for bad in (0, -5, 1.5, "many", True):
+        with pytest.raises(PresetError, match="data.min_tokens must be a positive integer"):
+            preset.replace(data__min_tokens=bad)
+    with pytest.raises(PresetError, match="window_mode 'stream' joins them"):
+        preset.replace(data__window_mode="stream", data__min_tokens=300)
+
+
+@pytest.mark.parametrize("name", ["llama2_16k", "llama2_32k", "llama2_128k", "mistral_32k", "llama3_128k"])
+def test_pg19_presets_filter_documents_as_the_reference_scripts_do(name):
+    data = load_preset(name).data
+    assert (data.source, data.window_mode, data.samples, data.min_tokens) == ("pg19", "documents", 5, 131072)
+
+
+def test_the_256k_preset_needs_documents_of_its_target_length():
+    preset = load_preset("llama2_256k")
+    assert preset.data.min_tokens == preset.target_length == 262144
+
+
+def test_pg19_offline_is_a_quick_one_line_error(tmp_path):
+    """No hub (as on this machine): a clear DataError at once, never a hang on the network.
+
+    A fresh interpreter, because `datasets` and `huggingface_hub` read the offline switches when first imported.
+    """
+    code = ("from objectives.data import DataError, load_documents\n"
+            "try:\n    load_documents('pg19')\n"
+            "except DataError as error:\n    print(error)\n")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    assert result.stdout.startswith("could not load dataset 'emozilla/pg19' split 'validation' (offline?)")
+    assert "Pass a local .txt/.jsonl/.parquet file instead." in result.stdout

@@ -18,10 +18,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from hpo import finetune as finetune_module
 from hpo.finetune import (
     IGNORE_INDEX,
     finetune,
     is_short,
+    load_rows,
     main,
     model_inputs,
     pack_documents,
@@ -103,6 +105,59 @@ def test_short_rows_cut_each_row_at_the_original_window():
     assert short_tokens.shape == (4, 8)  # 2 rows of 20 -> 2 x 2 rows of 8, 4 tokens each left out
     assert short_tokens.tolist() == [tokens[r, c:c + 8].tolist() for r in range(2) for c in (0, 8)]
     assert model_inputs(short_tokens, short_starts)["position_ids"].tolist() == [list(range(8))] * 4
+
+
+def test_with_bos_every_row_and_document_starts_with_it_and_the_next_token_is_trained():
+    documents = [torch.arange(100, 105), torch.arange(200, 203), torch.arange(300, 310)]
+    tokens, starts = pack_documents(documents, length=8, eos_token_id=0, bos_token_id=1)
+    # 1+5+1, 1+3+1, 1+10+1 = 24 tokens -> 3 rows of 8; rows 2 and 3 start inside a document: BOS replaces 200, 303
+    assert tokens.tolist() == [[1, 100, 101, 102, 103, 104, 0, 1],
+                               [1, 201, 202, 0, 1, 300, 301, 302],
+                               [1, 304, 305, 306, 307, 308, 309, 0]]
+    inputs = model_inputs(tokens, starts)
+    assert inputs["labels"][0].tolist() == [IGNORE_INDEX, 100, 101, 102, 103, 104, 0, IGNORE_INDEX]
+    for row in range(3):
+        bos_at = (tokens[row] == 1).nonzero().flatten()
+        assert starts[row, bos_at].all()  # each BOS opens a segment: position 0, label -100
+        assert (inputs["position_ids"][row, bos_at] == 0).all()
+        assert (inputs["labels"][row, bos_at] == IGNORE_INDEX).all()
+        after = bos_at[bos_at < 7] + 1
+        assert (inputs["labels"][row, after] != IGNORE_INDEX).all()  # the first text token is predicted from BOS
+    short_tokens, short_starts = split_rows(tokens, starts, 4, bos_token_id=1)
+    assert short_tokens[:, 0].tolist() == [1] * 6 and short_starts[:, 0].all()
+
+
+def test_rows_start_with_bos_where_the_search_windows_do(tmp_path, monkeypatch):
+    tokenizer = load_model("tiny-random-llama", dtype="float32", device="cpu")[1]
+    stream_preset = load_preset("tiny")  # the essays, read as one stream: windows without BOS, rows too
+    assert (load_rows(stream_preset, tokenizer, 256)[0][:, 0] != tokenizer.bos_token_id).any()
+    preset = stream_preset.replace(data__window_mode="documents", finetune__mixed_short_fraction=0.5,
+                                   finetune__steps=4, finetune__eval_every=100, finetune__save_every=100)
+    tokens, starts = load_rows(preset, tokenizer, 256)
+    assert (tokens[:, 0] == tokenizer.bos_token_id).all() and starts[:, 0].all()
+    fed = []
+    real_inputs = finetune_module.model_inputs
+
+    def recording(tokens: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:
+        fed.append(tokens)
+        return real_inputs(tokens, starts)
+
+    monkeypatch.setattr(finetune_module, "model_inputs", recording)
+    finetune(preset, FACTORS, tmp_path, progress=False)
+    assert {row.shape[-1] for row in fed} == {128, 256}  # short rows (original window) and long ones
+    assert all((row[:, 0] == tokenizer.bos_token_id).all() for row in fed)  # held-out, long and short rows
+
+
+def test_dtype_flag_overrides_the_finetune_dtype(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(finetune_module, "finetune", lambda preset, *args, **kwargs: seen.append(preset.finetune.dtype))
+    out = study_out(tmp_path)
+    assert cli("--study", "tiny", "--out", str(out), "--dtype", "bf16")[0] == 0
+    assert cli("--study", "tiny", "--out", str(out))[0] == 0
+    assert seen == ["bf16", "auto"]
+    code, _, stderr = cli("--study", "tiny", "--out", str(out), "--dtype", "half")
+    assert code == 2 and stderr.startswith("error: unknown --dtype 'half'") and stderr.count("\n") == 1, stderr
+    assert len(seen) == 2  # refused before fine-tuning
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -80,3 +80,49 @@ def test_progress_bars_do_not_change_the_result(model, input_ids, monkeypatch):
     quiet = perplexity(model, windows, progress=False)
     shown = perplexity(model, windows, progress=True)
     assert shown.perplexity == quiet.perplexity
+
+
+def reference_sliding_nll(model, stream: torch.Tensor, window: int, stride: int, bos: int) -> tuple[float, int]:
+    """Summed NLL and scored tokens the way the LongRoPE reference (evaluation/perplexity.py) reads a stream:
+    BOS prepended to window - 1 tokens, labels -100 except the tokens not scored by an earlier window."""
+    body, seq_len, prev_end, nll, count = window - 1, stream.numel(), 0, 0.0, 0
+    for begin in range(0, seq_len, stride):
+        end = min(begin + body, seq_len)
+        input_ids = torch.cat([torch.tensor([bos]), stream[begin:end]])[None]
+        target = input_ids.clone()
+        target[:, :-(end - prev_end)] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target).loss
+        scored = int((target[:, 1:] != -100).sum())
+        nll, count = nll + loss.item() * scored, count + scored
+        prev_end = end
+        if end == seq_len:
+            break
+    return nll, count
+
+
+def test_sliding_window_with_bos_matches_the_reference(model, input_ids):
+    stream = input_ids[0, :63 + 4 * 32]  # whole windows only: the reference ends on a shorter one otherwise
+    result = sliding_window_perplexity(model, stream, window=64, stride=32, bos_token_id=5, progress=False)
+    nll, count = reference_sliding_nll(model, stream, window=64, stride=32, bos=5)
+    assert result.tokens == count == stream.numel()  # every token once, the first one too (predicted from BOS)
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+
+
+def test_sliding_windows_each_start_with_bos(model, input_ids):
+    seen = []
+
+    def record(_module, _args, kwargs):
+        seen.append(kwargs["input_ids"][0].clone())
+
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        stream = input_ids[0]
+        sliding_window_perplexity(model, stream, window=64, stride=32, bos_token_id=5, progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) == len(range(0, stream.numel() - 63 + 1, 32))
+    for step, window in enumerate(seen):  # BOS prepended to the next 63 tokens, none replaced
+        assert window.tolist() == [5, *stream[32 * step:32 * step + 63].tolist()]
+    with pytest.raises(ValueError, match=r"stride <= window - 1 \(BOS takes one\)"):
+        sliding_window_perplexity(model, stream, window=64, stride=64, bos_token_id=5, progress=False)

@@ -22,8 +22,13 @@ def test_paper_presets_use_the_reference_search():
         assert (preset.search.population, preset.search.parents) == (64, 32)
         assert (preset.search.mutants, preset.search.crossovers) == (16, 16)
         assert preset.data.source == "pg19" and preset.data.samples == 5
+        assert preset.search.start_token_search == "sweep"  # the reference's n_hat rule
+    mistral = load_preset("mistral_32k").search  # the reference's Mistral YaRN seed: betas 128 and 2
+    assert (mistral.yarn_beta_fast, mistral.yarn_beta_slow) == (128, 2)
+    assert load_preset("llama2_16k").search.yarn_beta_fast == 32
     longrope2 = load_preset("llama3_128k")
-    assert longrope2.search.critical_dim == "auto" and longrope2.fitness.kind == "needle-perplexity"
+    assert longrope2.search.critical_dim == (33, 34) and longrope2.fitness.kind == "needle-perplexity"
+    assert longrope2.search.length_scale == 32  # [s, 2 s] from d_c on (the reference's phi-4 script: 64 at s = 32)
 
 
 def test_chained_presets_build_on_shipped_studies():
@@ -87,6 +92,13 @@ def write(tmp_path, text: str):
         ("target_length = 100\n[search]\npruning_rank = 1.5\n", "pruning_rank must be an integer from 1"),
         ("target_length = 100\n[search]\npruning_prefixes = [0.5, 0.25]\n", "increasing fractions"),
         ("target_length = 100\n[search]\npruning_prefixes = [1.5]\n", "increasing fractions"),
+        ("target_length = 100\n[search]\nlength_scale = 8.0\n", "length_scale bounds LongRoPE2"),
+        ("target_length = 100\n[search]\ncritical_dim = 3\nlength_scale = 0.5\n", "length_scale must be a number"),
+        ("target_length = 100\n[search]\ncritical_dim = [3, 0]\n", "sweeps LongRoPE2 critical dims"),
+        ("target_length = 100\n[search]\ncritical_dim = 'formula'\n", "critical_dim must be 'auto'"),
+        ("target_length = 100\n[search]\nstart_token_search = 'grid'\n", "start_token_search must be one of"),
+        ("target_length = 100\n[search]\nstart_token_search = 'sweep'\n", "needs several search.start_tokens"),
+        ("target_length = 100\n[search]\nyarn_beta_fast = 0\n", "yarn_beta_fast and search.yarn_beta_slow"),
     ],
 )
 def test_malformed_presets(tmp_path, text, message):

@@ -33,7 +33,8 @@ def test_tiny_preset_on_ray_keeps_one_model_per_worker(tmp_path):
     assert main(["--study", "tiny", "--out", str(tmp_path), "--backend", "ray", "--quiet"]) == 0
     trials = load_study(tmp_path, "tiny").trials
     assert len(trials) == 16 and all(t.state == TrialState.COMPLETE for t in trials)  # the preset's budget
-    assert sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs) == ["ntk", "pi", "yarn"]
+    seeds = sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs)
+    assert seeds == ["ntk", "pi", "yarn", "yarn-linear"]
     workers = {t.user_attrs["worker"] for t in trials}
     assert len(workers) <= 2  # two trials at a time on 2 CPUs, in actors that Tune reuses
     assert {t.user_attrs["model_loads"] for t in trials} == {1}  # each worker loaded the model once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -12,11 +13,17 @@ import time
 
 import optuna
 import pytest
+import torch
 
+from hpo import run as run_module
 from hpo import study as study_module
-from hpo.run import main
+from hpo.cli import DTYPE_CHOICES
+from hpo.run import apply_overrides, build_parser, main
 from hpo.sampler import LongRoPESampler
+from hpo.search_space import LongRoPESearchSpace
+from models.loading import pick_dtype
 from models.rope import RopeFactors
+from studies import load_preset
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -177,3 +184,63 @@ def test_longrope2_mode_with_needle_driven_fitness(tmp_path):
     assert not any(name in study.best_params for name in ("factor_00", "factor_01"))
     for i in range(critical_dim):  # derived, NTK-shaped below the critical dim
         assert factors[i] == pytest.approx(factors[critical_dim] ** (i / critical_dim))
+
+
+def test_dtype_flag_reaches_the_preset(tmp_path, monkeypatch):
+    args = build_parser().parse_args(["--study", "llama2_16k", "--dtype", "bf16"])
+    assert apply_overrides(load_preset("llama2_16k"), args).model.dtype == "bf16"
+    no_flag = build_parser().parse_args(["--study", "llama2_16k"])
+    assert apply_overrides(load_preset("llama2_16k"), no_flag).model.dtype == "float16"  # the reference's fp16
+    seen = []
+
+    def stop(preset):
+        seen.append(preset.model.dtype)
+        raise ValueError("stopped before loading the model")
+
+    monkeypatch.setattr(run_module, "load_workload", stop)
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--dtype", "float16", "--quiet"]) == 2
+    assert seen == ["float16"]
+
+
+def test_an_invalid_dtype_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_module, "load_workload", lambda preset: pytest.fail("loaded despite a bad --dtype"))
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--dtype", "fp8", "--quiet"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr == f"error: unknown --dtype 'fp8'; choose from {', '.join(DTYPE_CHOICES)}\n"
+
+
+def test_dtype_choices_are_what_the_loader_reads():
+    for name in DTYPE_CHOICES:
+        pick_dtype(name, torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pick_dtype("fp8", torch.device("cpu"))
+
+
+def test_a_sweep_of_critical_dims_reports_the_best_of_each(tmp_path):
+    """critical_dim = [2, 4]: one study, each trial keeps its lineage's d_c, the table has the best per d_c."""
+    preset = tmp_path / "tiny_dc_sweep.toml"
+    preset.write_text(
+        'target_length = 512\n[model]\nname = "tiny-random-llama"\ndtype = "float32"\n'
+        '[data]\nsamples = 1\nheldout_samples = 1\n'
+        '[search]\nn_trials = 26\npopulation = 18\nparents = 4\nmutants = 2\ncrossovers = 2\ncritical_dim = [4, 2]\n'
+    )
+    result = run_cli("--study", str(preset), "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="tiny_dc_sweep", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    space = LongRoPESearchSpace.from_record(study.user_attrs["search_space"])
+    assert space.critical_dims == (2, 4) and (space.lower, space.upper) == (4.0, 8.0)
+    swept = {trial.params["critical_dim"] for trial in study.trials}
+    assert swept == {2, 4}
+    for trial in study.trials:
+        factors = space.to_factors(trial.params).rescale_factors
+        critical_dim = trial.params["critical_dim"]
+        assert factors[:critical_dim] == pytest.approx([factors[critical_dim] ** (i / critical_dim)
+                                                        for i in range(critical_dim)])
+        assert all(4.0 <= f <= 8.0 for f in factors[critical_dim:])
+        assert all(a < b for a, b in itertools.pairwise(factors))
+    rows = json.loads((tmp_path / "results.json").read_text())["comparison"]
+    methods = [row["method"] for row in rows]
+    assert any(m.startswith("critical dim 2 (trial") for m in methods)
+    assert any(m.startswith("critical dim 4 (trial") for m in methods)
+    assert methods[-1].startswith("longrope (trial")
+    assert min(row["searched"] for row in rows if row["method"].startswith("critical dim")) == rows[-1]["searched"]

@@ -7,6 +7,7 @@ has something to find and every evaluation takes microseconds.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Any
@@ -108,7 +109,7 @@ def test_to_params_clamps_and_keeps_monotone(values: list[float], start_tokens: 
     )
     params = SPACE.to_params(factors)
     vector = [params[name] for name in SPACE.factor_names]
-    assert SPACE.is_monotone(vector)
+    assert SPACE.is_increasing(vector)
     assert all(SPACE.min_factor <= v <= SPACE.upper for v in vector)
     assert params[START_TOKENS_PARAM] in SPACE.start_token_candidates
     assert params[ATTENTION_SCALING_PARAM] == 1.3
@@ -120,7 +121,7 @@ def test_params_round_trip(params: dict[str, Any]) -> None:
 
 
 def test_seeds_are_the_baselines() -> None:
-    assert [seed.method for seed in SPACE.seeds(GEOMETRY)] == ["pi", "ntk", "yarn"]
+    assert [seed.method for seed in SPACE.seeds(GEOMETRY)] == ["pi", "ntk", "yarn", "yarn-linear"]
     with pytest.raises(ValueError, match="geometry"):
         SPACE.seeds(RopeGeometry(rotary_dim=32, base=10000.0, original_length=1000))
 
@@ -160,7 +161,7 @@ def test_every_proposal_is_monotone_in_bounds_and_new(study: optuna.Study) -> No
     for trial in study.trials:
         factors = SPACE.to_factors(trial.params)
         assert factors.num_factors == SPACE.num_factors
-        assert SPACE.is_monotone(factors.rescale_factors)
+        assert SPACE.is_increasing(factors.rescale_factors)
         assert all(SPACE.min_factor <= f <= SPACE.upper for f in factors.rescale_factors)
         keys.add(grid_key(trial.params))
     assert len(keys) == len(study.trials)
@@ -197,7 +198,7 @@ def test_resume_continues_generations_and_matches_an_uninterrupted_run(tmp_path:
     after = run(18, storage=storage).trials  # a new sampler instance on the same storage
     assert [generation(t) for t in before][-2:] == [3, 3]
     assert [generation(t) for t in after][18:] == [3, 3] + [4] * 4 + [5] * 4 + [6] * 4 + [7] * 4
-    assert sum(1 for t in after if "seed" in t.user_attrs) == 3
+    assert sum(1 for t in after if "seed" in t.user_attrs) == 4
     uninterrupted = run(36).trials
     assert [t.params for t in after] == [t.params for t in uninterrupted]
 
@@ -237,30 +238,78 @@ def test_pruned_failed_and_infeasible_trials_are_never_parents() -> None:
 
 def test_seeds_are_enqueued_once() -> None:
     study = optuna.create_study(sampler=make_sampler())
-    assert enqueue_seeds(study, SPACE, SPACE.seeds(GEOMETRY)) == 3
+    assert enqueue_seeds(study, SPACE, SPACE.seeds(GEOMETRY)) == 4
     assert enqueue_seeds(study, SPACE, SPACE.seeds(GEOMETRY)) == 0
-    assert len(study.trials) == 3
-    assert [record["method"] for record in study_attrs(study)[SEEDS_KEY]] == ["pi", "ntk", "yarn"]
+    assert len(study.trials) == 4
+    assert [record["method"] for record in study_attrs(study)[SEEDS_KEY]] == ["pi", "ntk", "yarn", "yarn-linear"]
+
+
+LLAMA3 = RopeGeometry(rotary_dim=128, base=500000.0, original_length=8192)
+
+
+def longrope2_study(space: LongRoPESearchSpace, geometry: RopeGeometry, n_trials: int) -> optuna.Study:
+    sampler = LongRoPESampler(space, population_size=12, num_parents=4, num_mutants=2, num_crossovers=2, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    enqueue_seeds(study, space, space.seeds(geometry))
+    # a synthetic fitness with a minimum inside LongRoPE2's space: factors near 1.3 s from the critical dim on
+    target = 1.3 * space.scale
+
+    def fitness(trial: optuna.Trial) -> float:
+        factors = space.suggest(trial)
+        return float(sum((f - target) ** 2 for f in factors.rescale_factors[space.critical_dim:]))
+
+    study.optimize(fitness, n_trials=n_trials)
+    return study
 
 
 def test_longrope2_mode_derives_the_dims_below_the_critical_dim() -> None:
     space = LongRoPESearchSpace(num_factors=8, original_length=1000, target_length=4000, critical_dim=3)
     assert space.factor_names == tuple(f"factor_{i:02d}" for i in range(3, 8))
-    assert [seed.method for seed in space.seeds(GEOMETRY)] == ["pi", "ntk", "yarn", "longrope2-init"]
-    sampler = LongRoPESampler(space, population_size=8, num_parents=4, num_mutants=2, num_crossovers=2, seed=0)
-    study = optuna.create_study(sampler=sampler)
-    num_seeds = enqueue_seeds(study, space, space.seeds(GEOMETRY))
-    study.optimize(lambda trial: objective(trial, space), n_trials=40)
+    study = longrope2_study(space, GEOMETRY, 40)
     for trial in study.trials:
         assert set(trial.params) == {*space.factor_names, START_TOKENS_PARAM}
         factors = space.to_factors(trial.params).rescale_factors
         assert factors[:3] == pytest.approx([factors[3] ** (i / 3) for i in range(3)])
-        assert space.is_monotone(factors)
-    # Generation 0 mutates the YaRN seed: the first mutant keeps some of its genes and changes others.
-    yarn = next(r["params"] for r in study_attrs(study)[SEEDS_KEY] if r["method"] == "yarn")
-    mutant = study.trials[num_seeds].params
-    kept = [mutant[name] == yarn[name] for name in space.factor_names]
-    assert any(kept) and not all(kept)
+        assert space.is_increasing(factors)
+
+
+def test_longrope2_space_is_strictly_increasing_within_s_and_length_scale() -> None:
+    """LongRoPE2's space (reference dim_mono.py): from d_c on, factors in [s, length_scale], strictly
+    increasing, the last at most 4 above its neighbour; generation 0 = NTK-shaped starts >= s + mutants."""
+    space = LongRoPESearchSpace(num_factors=64, original_length=8192, target_length=131072, critical_dim=34,
+                                max_factor=64.0, start_token_candidates=(0,))
+    assert (space.lower, space.upper, space.scale) == (16.0, 64.0, 16.0)
+    seeds = space.seeds(LLAMA3)
+    assert [seed.method for seed in seeds] == ["longrope2-init"] * 8
+    critical_factors = [seed.rescale_factors[34] for seed in seeds]
+    assert critical_factors[0] == 16.0 and critical_factors == sorted(critical_factors)
+    study = longrope2_study(space, LLAMA3, 60)
+    seeded = [t for t in study.trials if "seed" in t.user_attrs]
+    assert len(seeded) == 8
+    for trial in study.trials:
+        vector = [trial.params[name] for name in space.factor_names]
+        assert all(16.0 <= v <= 64.0 for v in vector), trial.number
+        assert all(a < b for a, b in itertools.pairwise(vector)), trial.number
+        assert vector[-1] - vector[-2] <= 4.0 + 1e-9, trial.number
+        assert space.is_increasing(space.to_factors(trial.params).rescale_factors)
+    # generation 0's other trials are mutants of the NTK-shaped starts (no YaRN in this space)
+    roots = [record["params"] for record in study_attrs(study)[SEEDS_KEY]]
+    first_mutant = study.trials[8].params
+    assert any(sum(first_mutant[n] == root[n] for n in space.factor_names) >= len(space.factor_names) // 2
+               for root in roots)
+    # the plain LongRoPE bound s + 1 = 17 could not have reached the optimum near 1.3 s = 20.8
+    assert min(t.value for t in study.trials) < min(t.value for t in seeded)
+
+
+def test_to_params_repairs_vectors_into_longrope2_space() -> None:
+    space = LongRoPESearchSpace(num_factors=8, original_length=1000, target_length=4000, critical_dim=3,
+                                max_factor=6.0, start_token_candidates=(0,))
+    wild = RopeFactors((1.0, 1.0, 2.0, 3.0, 3.0, 9.0, 9.0, 9.0), 1000, 4000)
+    vector = list(space.to_params(wild).values())
+    assert vector == pytest.approx([4.0, 4.01, 5.98, 5.99, 6.0])
+    with pytest.raises(ValueError, match="do not fit"):
+        LongRoPESearchSpace(num_factors=8, original_length=1000, target_length=4000, critical_dim=3,
+                            max_factor=4.02, start_token_candidates=(0,))
 
 
 def test_exhausted_grid_proposes_a_repeat_with_a_warning() -> None:
@@ -309,3 +358,55 @@ def test_a_complete_trial_that_a_pruned_trial_beat_is_not_a_parent() -> None:
     add(optuna.trial.TrialState.PRUNED, {1: 25.0}, 25.0)  # stopped at step 1, ahead of trials 0 and 2 there
     parents = study.sampler.select_parent(study, generation=1)
     assert [t.number for t in parents] == [1]
+
+
+# --- start tokens by the reference's sweep rule ---------------------------------------------
+
+
+def test_the_sweep_rule_keeps_an_n_hat_only_when_it_lowered_the_value() -> None:
+    """start_token_search="sweep": generations hold the sweeps of their best parents and of their mutants
+    (spent from the budget); a sweep trial breeds only when it beat its base trial and its other sweeps."""
+    space = LongRoPESearchSpace(num_factors=8, original_length=1000, target_length=4000,
+                                start_token_candidates=(0, 2, 4, 8))
+    sampler = LongRoPESampler(space, population_size=8, num_parents=4, num_mutants=2, num_crossovers=2, seed=0,
+                              start_token_search="sweep", sweep_parents=2, sweep_tries=2)
+    assert [sampler.generation_size(g) for g in (0, 1)] == [8 + 2 * 3, 2 * 3 + 2 * (1 + 2) + 2]
+    study = optuna.create_study(sampler=sampler)
+    enqueue_seeds(study, space, space.seeds(GEOMETRY))
+
+    def fitness(trial: optuna.Trial) -> float:  # n_hat = 4 is best, 0 worst
+        factors = space.suggest(trial)
+        distance = float(np.sum((np.array(factors.rescale_factors) - TARGET) ** 2))
+        return distance + 0.5 * abs(factors.start_tokens - 4) / 4
+
+    study.optimize(fitness, n_trials=14 + 3 * 14)
+    by_number = {t.number: t for t in study.trials}
+    sweeps = [t for t in study.trials if t.system_attrs.get(ROLE_KEY) == "start-tokens"]
+    assert sweeps
+    for trial in sweeps:  # same factors as the base trial, another n_hat
+        base = by_number[trial.system_attrs[PARENTS_KEY][0]]
+        assert trial.params[START_TOKENS_PARAM] != base.params[START_TOKENS_PARAM]
+        assert all(trial.params[n] == pytest.approx(base.params[n]) for n in space.factor_names)
+    for trial in study.trials:  # mutation leaves n_hat alone: only the sweep changes it
+        if trial.system_attrs.get(ROLE_KEY) == "mutant" and trial.system_attrs.get(PARENTS_KEY):
+            parent = by_number[trial.system_attrs[PARENTS_KEY][0]]
+            assert trial.params[START_TOKENS_PARAM] == parent.params[START_TOKENS_PARAM]
+    id_to_trial = {t._trial_id: t for t in study.trials}
+    parents = [id_to_trial[i] for key, ids in study_attrs(study).items()
+               if key.startswith("LongRoPESampler:parent:") for i in ids]
+    kept = [t for t in parents if t.system_attrs.get(ROLE_KEY) == "start-tokens"]
+    assert kept, "some sweep lowered the value and bred"
+    for trial in kept:
+        base_number = trial.system_attrs[PARENTS_KEY][0]
+        siblings = [t for t in sweeps if t.system_attrs[PARENTS_KEY][0] == base_number and t.value is not None]
+        assert trial.value < by_number[base_number].value
+        assert trial.value <= min(t.value for t in siblings)
+    discarded = [t for t in sweeps
+                 if t.value is not None and t.value >= by_number[t.system_attrs[PARENTS_KEY][0]].value]
+    assert discarded and not any(t in parents for t in discarded)
+
+
+def test_the_sweep_rule_needs_start_token_candidates() -> None:
+    with pytest.raises(ValueError, match="several start token candidates"):
+        LongRoPESampler(LongRoPESearchSpace(num_factors=8, original_length=1000, target_length=4000,
+                                            start_token_candidates=(0,)), start_token_search="sweep")

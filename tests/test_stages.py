@@ -42,8 +42,11 @@ from_study = "tiny"
 from_dir = "{from_dir}"
 finetuned = false
 """
+# The short stage searches n_hat among the tiny study's candidates, so that its long-factors seed is exactly
+# the long factors (n_hat included) that the comparison row measures.
 SHORT = LONGER.replace("target_length = 512", "target_length = 128").replace(
-    'finetuned = false', 'finetuned = false\nmode = "short"')
+    'finetuned = false', 'finetuned = false\nmode = "short"').replace(
+    "crossovers = 1\n", "crossovers = 1\nstart_tokens = [0, 2, 4]\n")
 
 
 def test_chained_factors_multiply_and_keep_both_stages():

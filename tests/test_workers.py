@@ -42,7 +42,8 @@ def test_two_processes_finish_exactly_the_asked_trials(tmp_path, postgres_url):
     assert len(trials) == n_trials and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes evaluated trials
     assert len({grid_key(t.params) for t in trials}) == n_trials  # no parameter vector evaluated twice
-    assert sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs) == ["ntk", "pi", "yarn"]
+    seeds = sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs)
+    assert seeds == ["ntk", "pi", "yarn", "yarn-linear"]
 
     generations = [t.system_attrs[GENERATION_KEY] for t in trials]
     assert generations == sorted(generations)  # claimed in turn: a generation never reopens
