@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import ray
 from optuna.trial import TrialState
 
 from hpo.early_stopping import GENERATION_KEY, STOPPED_ATTR, stop_reason
@@ -159,7 +160,6 @@ def test_tiny_run_stops_after_the_window_and_a_rerun_adds_no_trial(tmp_path, cap
 
 
 def test_ray_backend_stops_asking_for_trials(tmp_path, capsys):
-    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         out = tmp_path / "out"

@@ -168,17 +168,21 @@ def test_same_study_on_postgresql(tmp_path, postgres_url):
     assert (tmp_path / "best_factors.json").is_file()
 
 
-def test_longrope2_mode_with_needle_driven_fitness(tmp_path):
-    preset = tmp_path / "tiny_longrope2.toml"
-    preset.write_text(
-        'target_length = 512\n[model]\nname = "tiny-random-llama"\ndtype = "float32"\n'
-        '[data]\nsamples = 1\nheldout_samples = 1\n[fitness]\nkind = "needle-perplexity"\nneedles = 2\n'
-        '[search]\nn_trials = 8\npopulation = 4\nparents = 2\nmutants = 1\ncrossovers = 1\ncritical_dim = "auto"\n'
-    )
+def run_tiny_longrope2(tmp_path, name: str, sections: str) -> optuna.Study:
+    """Run a LongRoPE2 study of the tiny model, 128 -> 512 tokens on one window, through the CLI."""
+    preset = tmp_path / f"{name}.toml"
+    preset.write_text('target_length = 512\n[model]\nname = "tiny-random-llama"\ndtype = "float32"\n'
+                      '[data]\nsamples = 1\nheldout_samples = 1\n' + sections)
     result = run_cli("--study", str(preset), "--out", str(tmp_path), "--quiet")
     assert result.returncode == 0, result.stderr
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def test_longrope2_mode_with_needle_driven_fitness(tmp_path):
+    study = run_tiny_longrope2(tmp_path, "tiny_longrope2", '[fitness]\nkind = "needle-perplexity"\nneedles = 2\n'
+                               '[search]\nn_trials = 8\npopulation = 4\nparents = 2\nmutants = 1\ncrossovers = 1\n'
+                               'critical_dim = "auto"\n')
     factors = RopeFactors.load(tmp_path / "best_factors.json").rescale_factors
-    study = optuna.load_study(study_name="tiny_longrope2", storage=f"sqlite:///{tmp_path / 'study.db'}")
     critical_dim = study.user_attrs["search_space"]["critical_dim"]
     assert critical_dim == 2
     assert not any(name in study.best_params for name in ("factor_00", "factor_01"))
@@ -218,15 +222,8 @@ def test_dtype_choices_are_what_the_loader_reads():
 
 def test_a_sweep_of_critical_dims_reports_the_best_of_each(tmp_path):
     """critical_dim = [2, 4]: one study, each trial keeps its lineage's d_c, the table has the best per d_c."""
-    preset = tmp_path / "tiny_dc_sweep.toml"
-    preset.write_text(
-        'target_length = 512\n[model]\nname = "tiny-random-llama"\ndtype = "float32"\n'
-        '[data]\nsamples = 1\nheldout_samples = 1\n'
-        '[search]\nn_trials = 26\npopulation = 18\nparents = 4\nmutants = 2\ncrossovers = 2\ncritical_dim = [4, 2]\n'
-    )
-    result = run_cli("--study", str(preset), "--out", str(tmp_path), "--quiet")
-    assert result.returncode == 0, result.stderr
-    study = optuna.load_study(study_name="tiny_dc_sweep", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study = run_tiny_longrope2(tmp_path, "tiny_dc_sweep", '[search]\nn_trials = 26\npopulation = 18\nparents = 4\n'
+                               'mutants = 2\ncrossovers = 2\ncritical_dim = [4, 2]\n')
     space = LongRoPESearchSpace.from_record(study.user_attrs["search_space"])
     assert space.critical_dims == (2, 4) and (space.lower, space.upper) == (4.0, 8.0)
     swept = {trial.params["critical_dim"] for trial in study.trials}
