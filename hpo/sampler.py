@@ -294,7 +294,8 @@ class LongRoPESampler(BaseGASampler):
                                 else tuple(mutants_of))
         self._sweep = start_token_search == "sweep"
         others = len(search_space.start_token_candidates) - 1
-        self._parent_sweeps = min(sweep_parents, num_parents) * others if self._sweep else 0
+        self._swept_parents = min(sweep_parents, num_parents) if self._sweep else 0
+        self._parent_sweeps = self._swept_parents * others
         self._sweep_tries = min(sweep_tries, others) if self._sweep else 0
 
     @property
@@ -476,7 +477,7 @@ class LongRoPESampler(BaseGASampler):
             ranked = self.select_parent(study, 1) if generation == 0 else parents
             swept = {t.system_attrs[PARENTS_KEY][0] for t in trials if t.system_attrs.get(ROLE_KEY) == START_TOKENS
                      and t.system_attrs.get(key, generation) < generation}
-            pairs = [(base, value) for base in ranked[: self._parent_sweeps // (len(candidates) - 1)]
+            pairs = [(base, value) for base in ranked[: self._swept_parents]
                      if base.number not in swept
                      for value in candidates if value != base.params[START_TOKENS_PARAM]]
             if index >= len(pairs):
