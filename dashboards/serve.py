@@ -10,15 +10,22 @@ are uploaded as study artifacts (a file already uploaded with the same bytes is
 not uploaded again). Then optuna-dashboard serves the study's storage on
 loopback by default; ``--port 0`` picks a free port. The first line printed is
 the study's dashboard URL.
+
+The dashboard is read-only unless ``--allow-writes``: optuna-dashboard's API
+deletes studies and trials and edits notes without any authentication, so every
+request to ``/api/`` other than GET or HEAD is refused (403), and a ``--host``
+that is not a loopback address is warned about.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
 import logging
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -38,6 +45,8 @@ from hpo.study import StorageError
 logger = logging.getLogger("dashboards.serve")
 
 FACTOR_FILES = ("best_factors.json", "rope_parameters.json")
+READ_METHODS = ("GET", "HEAD")
+WsgiApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -79,10 +88,42 @@ def publish(study: optuna.Study, figures: dict[str, go.Figure], files: Sequence[
     return uploaded
 
 
+def read_only(app: WsgiApp) -> WsgiApp:
+    """``app`` with every API request that is not GET or HEAD refused (403) before it reaches ``app``."""
+    refusal = json.dumps({"reason": "this dashboard is read-only: restart python -m dashboards.serve with "
+                                    "--allow-writes to change studies from it"}).encode()
+
+    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "").startswith("/api/") and environ.get("REQUEST_METHOD") not in READ_METHODS:
+            start_response("403 Forbidden", [("Content-Type", "application/json"),
+                                             ("Content-Length", str(len(refusal)))])
+            return [refusal]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (``localhost`` or a loopback address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, host: str, port: int,
-          study: optuna.Study) -> None:
-    """Run optuna-dashboard on ``storage`` until interrupted; prints the study's URL first."""
+          study: optuna.Study, allow_writes: bool = False) -> None:
+    """Run optuna-dashboard on ``storage`` until interrupted, read-only unless ``allow_writes``; prints the
+    study's URL first."""
     app = optuna_dashboard.wsgi(storage, artifact_store=store)
+    if not allow_writes:
+        app = read_only(app)
+    if not is_loopback(host):
+        logger.warning("serving on %s, not a loopback address: anyone who can reach it %s study %r and every "
+                       "other study in its storage (no authentication)", host,
+                       "can change or delete" if allow_writes else "can read", study.study_name)
     server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
     print(f"Optuna Dashboard: http://{host}:{server.server_port}/dashboard/studies/{study._study_id}", flush=True)
     try:
@@ -104,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="artifact store directory (default: DIR/artifacts of the study directory)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     parser.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
+    parser.add_argument("--allow-writes", action="store_true",
+                        help="let the dashboard delete and edit studies, trials and notes (off: read-only)")
     return parser
 
 
@@ -132,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("saved %d figures into study %r; uploaded %s to %s", len(figures), study.study_name,
                 ", ".join(p.name for p in uploaded) or "no new artifacts", artifact_dir)
     try:
-        serve(study._storage, store, args.host, args.port, study)
+        serve(study._storage, store, args.host, args.port, study, args.allow_writes)
     except KeyboardInterrupt:
         pass
     return 0

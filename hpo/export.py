@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # checked first: save_pretrained only logs an error for a file and writes nothing
+        blocking = next((path for path in (args.to, *args.to.parents) if path.exists() and not path.is_dir()), None)
+        if blocking is not None:
+            raise StudyError(f"--to {args.to}: {blocking} is a file, not a directory to write the model into")
         study = load_study(args.study, args.storage, args.out)
         short_study = load_study(args.short_from, None, args.short_out) if args.short_from else None
         long_factors, short_factors = exported_pair(study, short_study)

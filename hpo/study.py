@@ -62,6 +62,8 @@ REFERENCE_METHODS = ("none", "pi", "ntk", "yarn")
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30
 SCHEMA_ATTEMPTS = 3
+SCHEMA_RACE_ERRORS = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError)
+SQLITE_RACE_MARKERS = ("already exists", "database is locked")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 CLAIMED = (TrialState.RUNNING, *FINISHED)
 
@@ -92,9 +94,14 @@ def open_storage(url: str) -> RDBStorage:
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                     engine_kwargs={"pool_pre_ping": True},
                 )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
-            # Workers started together on a fresh database race to create Optuna's tables; the
-            # losers get a duplicate-key error and find the schema made on the next try.
+        except SCHEMA_RACE_ERRORS as error:
+            # Workers started together on a fresh database race to create Optuna's tables; the losers get a
+            # duplicate-key error (PostgreSQL), or "table ... already exists" or "database is locked" (SQLite),
+            # and find the schema made on the next try. Any other operational error (a server that is down, a
+            # bad path) is no race.
+            if isinstance(error, sqlalchemy.exc.OperationalError) and not any(
+                    marker in str(error) for marker in SQLITE_RACE_MARKERS):
+                raise StorageError(_storage_message(url, error)) from None
             if attempt == SCHEMA_ATTEMPTS:
                 raise StorageError(_storage_message(url, error)) from None
             attempt += 1

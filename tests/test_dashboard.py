@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 
 from dashboards.figures import report_figures
-from dashboards.serve import publish
+from dashboards.serve import is_loopback, publish, read_only
 from hpo.outputs import best_factors
 from tests.conftest import run_tiny_study
 
@@ -78,6 +79,14 @@ def test_server_lists_the_saved_figures_and_artifacts(run_dir, tmp_path, layout)
 
         status, kind, _ = get(f"{base}/dashboard")
         assert status == 200 and kind == "text/html"
+
+        # read-only by default: the API's unauthenticated DELETE would remove the study and its trials
+        delete = urllib.request.Request(f"{base}/api/studies/{studies['tiny']}", method="DELETE")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(delete, timeout=30)
+        assert refused.value.code == 403 and b"read-only" in refused.value.read()
+        remaining = json.loads(get(f"{base}/api/studies")[2])["study_summaries"]
+        assert [summary["study_name"] for summary in remaining] == ["tiny"]
     finally:
         watchdog.cancel()
         server.terminate()
@@ -111,3 +120,26 @@ def test_unknown_study_exits_2(run_dir):
                            "--port", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "no study 'nope'" in done.stderr and "tiny" in done.stderr
+
+
+def test_read_only_refuses_every_api_write_and_passes_reads():
+    calls = []
+
+    def app(environ, start_response):
+        calls.append(environ["REQUEST_METHOD"])
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    guarded = read_only(app)
+    statuses = []
+    for method, path in [("DELETE", "/api/studies/1"), ("POST", "/api/studies/1/note"), ("PUT", "/api/trials/3"),
+                         ("PATCH", "/api/studies/1"), ("GET", "/api/studies"), ("HEAD", "/api/studies/1"),
+                         ("GET", "/dashboard")]:
+        guarded({"REQUEST_METHOD": method, "PATH_INFO": path}, lambda status, headers: statuses.append(status))
+    assert statuses[:4] == ["403 Forbidden"] * 4 and statuses[4:] == ["200 OK"] * 3
+    assert calls == ["GET", "HEAD", "GET"]
+
+
+def test_only_loopback_hosts_count_as_private():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")

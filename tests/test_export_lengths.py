@@ -145,3 +145,14 @@ def test_study_outputs_and_export_use_the_presets_original_length(tmp_path, monk
     assert config["rope_parameters"] == block["rope_parameters"]
     assert config["max_position_embeddings"] == 128
     assert Path(model_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_export_to_a_file_is_a_one_line_error_that_writes_nothing(tmp_path, capsys, where):
+    existing = tmp_path / "model.bin"
+    existing.write_bytes(b"keep me")
+    target = existing if where == "file" else existing / "model"
+    assert hpo.export.main(["--study", "tiny", "--out", str(tmp_path / "nowhere"), "--to", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{existing} is a file, not a directory" in err
+    assert existing.read_bytes() == b"keep me"

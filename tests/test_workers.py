@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from optuna.trial import TrialState
 
 from hpo import study as study_module
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
-from hpo.study import TrialClaims, load_workload, open_storage, open_study, search_space_for
+from hpo.study import StorageError, TrialClaims, load_workload, open_storage, open_study, search_space_for
 from studies import PRESET_DIR, load_preset
 
 GENERATION_KEY = LongRoPESampler._get_generation_key()
@@ -91,3 +92,28 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_requeued(tmp_pa
     assert trials[orphan.number].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == orphan.params
+
+
+def _open_together(barrier, url: str, outcomes) -> None:
+    barrier.wait()
+    try:
+        open_storage(url)
+        outcomes.put("ok")
+    except StorageError as error:
+        outcomes.put(str(error))
+
+
+def test_workers_opening_a_fresh_sqlite_study_together_all_succeed(tmp_path):
+    """Optuna creates its tables on first open; workers started together race to do it (SQLite said
+    "table studies already exists" to the losers)."""
+    context = multiprocessing.get_context("fork")  # the race needs opens within milliseconds of each other
+    for attempt in range(4):
+        url = f"sqlite:///{tmp_path / f'fresh{attempt}.db'}"
+        barrier, outcomes = context.Barrier(4), context.Queue()
+        workers = [context.Process(target=_open_together, args=(barrier, url, outcomes)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        results = [outcomes.get(timeout=120) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=60)
+        assert results == ["ok"] * 4, results
