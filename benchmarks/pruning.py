@@ -90,7 +90,7 @@ def run_arm(preset: StudyPreset, workload, out_dir: Path, reuse: bool = False) -
             stale.unlink(missing_ok=True)
     storage = open_storage(f"sqlite:///{database}")
     space = search_space_for(preset, workload)
-    study = open_study(preset, storage, space)
+    study = open_study(preset, storage, space, workload)
     run_search(study, storage, workload, space, preset)  # resumes a reused study; nothing to do when it is finished
     schedule = workload.schedule(search)
     full_steps = {step.step for step in schedule if not step.prefix}

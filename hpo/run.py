@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             ray_backend.connect(options)
         workload = load_workload(preset)
         space = search_space_for(preset, workload)
-        study = open_study(preset, storage, space, workload.stage)
+        study = open_study(preset, storage, space, workload)
         logger.info("study %r in %s: %d trials so far, target %d, %s backend, pruning %s", preset.name,
                     preset.storage or default_storage_url(out_dir), len(study.trials), preset.search.n_trials,
                     args.backend, "on" if preset.search.pruning else "off")

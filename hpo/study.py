@@ -48,10 +48,10 @@ from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.sampler import LongRoPESampler, enqueue_seeds
 from hpo.search_space import LongRoPESearchSpace
 from models.baselines import baseline, critical_dimension, yarn
-from models.loading import load_model
+from models.loading import load_model, model_revision
 from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
-from objectives.data import load_windows
+from objectives.data import default_window_mode, load_windows
 from objectives.needle import needle_windows
 from objectives.perplexity import PerplexityResult, perplexity
 from studies import SearchSpec, StudyPreset
@@ -343,23 +343,63 @@ def pruner_for(preset: StudyPreset) -> optuna.pruners.BasePruner:
     return ParentPruner(rank, search.pruning_margin)
 
 
+def workload_record(preset: StudyPreset, workload: Workload) -> dict[str, Any]:
+    """Everything a trial's value depends on besides its factors: the model (and its revision), the
+    precision it ran in, the lengths, the text and windows, and the fitness. :func:`open_study` records
+    it when the study is created and refuses to continue a study under other settings, whose values
+    would be ranked together with values of another measurement."""
+    data, fitness = preset.data, preset.fitness
+    record: dict[str, Any] = {
+        "model": workload.stage.model if workload.stage else preset.model.name,
+        "model_revision": model_revision(workload.model),
+        "dtype": str(workload.model.dtype).removeprefix("torch."),
+        "original_length": workload.geometry.original_length,
+        "target_length": preset.target_length,
+        "data.source": data.source,
+        "data.window_mode": data.window_mode or default_window_mode(data.source),
+        "data.first_window": data.first_window,
+        "data.samples": data.samples,
+        "data.heldout_first_window": data.heldout_start,
+        "data.heldout_samples": data.heldout_samples,
+        "data.min_tokens": data.min_tokens,
+        "fitness.kind": fitness.kind,
+    }
+    if fitness.kind == "needle-perplexity":  # the needles and their depths are drawn from the seed
+        record.update({"fitness.needles": fitness.needles, "search.seed": preset.search.seed})
+    return record
+
+
+def _refuse_other_settings(name: str, what: str, recorded: dict[str, Any], current: dict[str, Any]) -> None:
+    """A one-line ``ValueError`` naming the first key whose value differs between the two records."""
+    for key, now in current.items():
+        if recorded.get(key) != now:
+            raise ValueError(f"study {name!r} in this storage was run with {what}{key} = {recorded.get(key)!r}, "
+                             f"not {now!r}: its values would not compare with new ones; use the same settings to "
+                             f"continue, or another --out/--storage for a new study")
+
+
 def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace,
-               stage: Stage | None = None) -> optuna.Study:
-    """Create the study or load it to continue; the preset's space (and stage) are recorded and must not change."""
+               workload: Workload) -> optuna.Study:
+    """Create the study or load it to continue; the preset's space, the workload's settings
+    (:func:`workload_record`) and its stage are recorded and must not change: a resume under other
+    settings is a ``ValueError`` that names the first setting that differs."""
     sampler = sampler_for(preset, space)
     study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
                                 pruner=pruner_for(preset), load_if_exists=True)
-    recorded = study.user_attrs.get("search_space")
-    current = space.to_record()
-    if recorded is None:
-        study.set_user_attr("search_space", current)
+    stage, settings = workload.stage, workload_record(preset, workload)
+    if study.user_attrs.get("search_space") is None:
+        study.set_user_attr("search_space", space.to_record())
         study.set_user_attr("preset", preset.name)
+        study.set_user_attr("workload", settings)
         if stage:
             study.set_user_attr("stage", stage.to_record())
-    elif LongRoPESearchSpace.from_record(recorded) != space:
-        raise ValueError(f"study {preset.name!r} in this storage was searched with {recorded}, "
-                         f"not {current}; use another --out/--storage to start a new study")
-    elif study.user_attrs.get("stage") != (stage.to_record() if stage else None):
+    if study.user_attrs.get("workload") is None:  # a study from before settings were recorded: take today's
+        logger.info("study %r has no recorded settings: recording the current ones", preset.name)
+        study.set_user_attr("workload", settings)
+    _refuse_other_settings(preset.name, "", study.user_attrs["workload"], settings)
+    recorded_space = LongRoPESearchSpace.from_record(study.user_attrs["search_space"]).to_record()
+    _refuse_other_settings(preset.name, "search space ", recorded_space, space.to_record())
+    if study.user_attrs.get("stage") != (stage.to_record() if stage else None):
         raise ValueError(f"study {preset.name!r} in this storage was built on other earlier factors than "
                          f"{preset.extend.from_study!r} has now; use another --out/--storage to start a new study")
     return study

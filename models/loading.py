@@ -13,6 +13,7 @@ the fine-tuning would see the extended context.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -253,6 +254,28 @@ def _load_from_hub(hub_id: str, dtype: torch.dtype, attn: str) -> tuple[PreTrain
         f"--model DIR), or a .gguf file, "
         f"or use the embedded default '{DEFAULT_MODEL}'.\nCause: {first_line}"
     )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def model_revision(model: PreTrainedModel) -> str | None:
+    """What identifies the loaded weights: the hub commit transformers resolved, else a fingerprint of the
+    local directory they came from (``config.json``'s bytes, and the names and sizes of its weight files:
+    cheap even for a 7B model, and the same on every machine that holds the same files); ``None`` when
+    neither is known."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    directory = Path(getattr(model.config, "_name_or_path", "") or "")
+    if not directory.is_dir():
+        return None
+    digest = hashlib.sha256()
+    if (directory / "config.json").is_file():
+        digest.update((directory / "config.json").read_bytes())
+    for path in sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    return f"files-sha256:{digest.hexdigest()[:16]}"
 
 
 def load_model(

@@ -241,3 +241,21 @@ def test_a_sweep_of_critical_dims_reports_the_best_of_each(tmp_path):
     assert any(m.startswith("critical dim 4 (trial") for m in methods)
     assert methods[-1].startswith("longrope (trial")
     assert min(row["searched"] for row in rows if row["method"].startswith("critical dim")) == rows[-1]["searched"]
+
+
+def test_a_resume_under_other_data_settings_is_refused_with_one_line(tmp_path, capsys):
+    """Values measured on other windows must not be ranked with the old ones (nor the cached baselines)."""
+    base = ["--study", "tiny", "--out", str(tmp_path), "--quiet"]
+    assert main([*base, "--n-trials", "4"]) == 0
+    recorded = load_study(tmp_path).user_attrs["workload"]
+    assert recorded["data.samples"] == 2 and recorded["dtype"] == "float32" and recorded["model_revision"]
+    capsys.readouterr()
+    for changed, line in ((["--samples", "1"], "data.samples = 2, not 1"),
+                          (["--dtype", "bf16"], "dtype = 'float32', not 'bfloat16'"),
+                          (["--target-length", "512"], "target_length = 256, not 512")):
+        assert main([*base, "--n-trials", "6", *changed]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and line in err, err
+    assert len(load_study(tmp_path).trials) == 4  # nothing was run under the other settings
+    assert main([*base, "--n-trials", "6"]) == 0  # the same settings continue
+    assert len(load_study(tmp_path).trials) == 6

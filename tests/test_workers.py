@@ -61,8 +61,9 @@ def test_two_processes_finish_exactly_the_asked_trials(tmp_path, postgres_url):
 def test_a_claim_counts_running_trials(tmp_path):
     preset = load_preset("tiny")
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    space = search_space_for(preset, load_workload(preset))
-    study = open_study(preset, storage, space)
+    workload = load_workload(preset)
+    space = search_space_for(preset, workload)
+    study = open_study(preset, storage, space, workload)
     claims = TrialClaims(storage, study.study_name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # claims run without Optuna's heartbeat and experimental warnings
@@ -79,8 +80,9 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_requeued(tmp_pa
     monkeypatch.setattr(study_module, "GRACE_PERIOD_S", 1)
     preset = load_preset("tiny")
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    space = search_space_for(preset, load_workload(preset))
-    study = open_study(preset, storage, space)
+    workload = load_workload(preset)
+    space = search_space_for(preset, workload)
+    study = open_study(preset, storage, space, workload)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Optuna: heartbeats outside study.optimize
         orphan = study.ask(space.distributions())  # RUNNING, and its worker died before any heartbeat
