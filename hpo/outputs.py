@@ -110,6 +110,25 @@ def study_factors(name: str, storage: str | None = None,
     return best_factors(study), study_model(study)
 
 
+OUTPUT_FILES = ("best_factors.json", "rope_parameters.json", "results.json")
+
+
+def check_outputs_are_its_own(out_dir: Path, study_name: str, storage: optuna.storages.BaseStorage) -> None:
+    """Refuse to start study ``study_name`` in ``storage`` where ``out_dir`` holds outputs it did not write.
+
+    A study not yet in the storage would overwrite them, and they may be the only record left of an
+    earlier run (its ``study.db`` lost, emptied to 0 bytes, or elsewhere): a :class:`StudyError`
+    names them. A study already in the storage continues and rewrites its own outputs.
+    """
+    if study_name in optuna.get_all_study_names(storage):
+        return
+    found = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if found:
+        raise StudyError(f"{out_dir} already holds {', '.join(found)} of a study that is not in this storage: a new "
+                         f"study {study_name!r} would overwrite them; pass the --storage they came from, or move "
+                         f"them away, or use another --out")
+
+
 def write_outputs(out_dir: Path, study: optuna.Study, preset: StudyPreset, geometry: RopeGeometry,
                   rows: list[dict]) -> dict[str, Path]:
     """``best_factors.json``, ``rope_parameters.json`` (for the model's RoPE ``geometry``) and

@@ -172,9 +172,9 @@ class StudySearcher(OptunaSearch):
     """Ray Tune's ``OptunaSearch`` on the study's storage and sampler, claiming trials like a local worker.
 
     - :meth:`suggest` claims the next trial with :class:`~hpo.study.TrialClaims` (``FINISHED``
-      once the study holds its ``n_trials``, or once ``stop`` fires: early stopping, recorded and
-      logged by the claim), starts its heartbeat in this driver process and hands its parameters
-      to Tune.
+      once the study holds its ``n_trials`` running, complete or pruned trials, or once ``stop``
+      fires: early stopping, recorded and logged by the claim), starts its heartbeat in this driver
+      process and hands its parameters to Tune.
     - :meth:`report` (called by :class:`StudyScheduler` for every result but the last) records the
       running value at its step and asks the study's pruner.
     - :meth:`on_trial_complete` tells the study: COMPLETE after the last step, PRUNED when the

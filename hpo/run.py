@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
 from hpo.early_stopping import STOPPED_ATTR
-from hpo.outputs import write_outputs
+from hpo.outputs import check_outputs_are_its_own, write_outputs
 from hpo.study import (
     BackendError,
     StorageError,
@@ -120,8 +122,24 @@ def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPrese
                           model__dtype=checked_dtype(args.dtype), search__pruning=False if args.no_pruning else None)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler or ``kill``) ends the run as Ctrl-C does: the running trial is re-queued."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        return run_command(args)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The command for parsed ``args``: its exit status."""
     configure_logging(args.quiet)
     if args.list:
         print_presets()
@@ -135,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = study_dir(preset.name, args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(preset.storage or default_storage_url(out_dir))
+        check_outputs_are_its_own(out_dir, preset.name, storage)
         if args.backend == "ray":  # before loading the model: a bad address fails in seconds
             ray_backend = load_ray_backend()
             options = ray_backend.RayOptions(**ray_settings)
@@ -157,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: every finished trial is in the storage; run the same command to continue",
-              file=sys.stderr)
+        print("interrupted: every finished trial is in the storage, and the running one's parameters are queued "
+              "to run first; run the same command to continue", file=sys.stderr)
         return 130
     print(format_comparison(rows, preset))
     print(f"\n{len(study.trials)} trials in the study; this run took {time.perf_counter() - started:.0f}s")

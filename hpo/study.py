@@ -62,10 +62,13 @@ REFERENCE_METHODS = ("none", "pi", "ntk", "yarn")
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30
 SCHEMA_ATTEMPTS = 3
+STALE_RETRIES = 2  # a trial whose worker died this often is probably what kills it: it is not re-queued again
 SCHEMA_RACE_ERRORS = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError)
 SQLITE_RACE_MARKERS = ("already exists", "database is locked")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-CLAIMED = (TrialState.RUNNING, *FINISHED)
+EVALUATED = (TrialState.COMPLETE, TrialState.PRUNED)
+BUDGET = (TrialState.RUNNING, *EVALUATED)  # what --n-trials counts: a failed trial is re-run, not spent
+INTERRUPTED_ATTR = "interrupted"  # user attr of a trial that Ctrl-C or SIGTERM stopped
+ERROR_ATTR = "error"  # user attr of a trial that raised or gave a non-finite value
 
 
 class StorageError(RuntimeError):
@@ -91,7 +94,7 @@ def open_storage(url: str) -> RDBStorage:
                     url,
                     heartbeat_interval=HEARTBEAT_INTERVAL_S,
                     grace_period=GRACE_PERIOD_S,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES),
                     engine_kwargs={"pool_pre_ping": True},
                 )
         except SCHEMA_RACE_ERRORS as error:
@@ -441,8 +444,11 @@ class TrialClaims:
 
     1. fails the trials whose heartbeat went stale (a killed worker's) and re-queues their
        parameters, as Optuna's own optimize loop does;
-    2. counts the claimed trials: running or finished (complete, pruned or failed);
-    3. asks the study for a trial only while that count is below ``n_trials``.
+    2. counts the trials that use up the budget: running, complete or pruned. A failed trial (it
+       raised, or its worker was killed or interrupted) does not: its re-queued parameters run
+       first, since ``study.ask`` takes waiting trials before new proposals;
+    3. asks the study for a trial only while that count is below ``n_trials``, and while fewer than
+       ``n_trials`` trials failed with an error (a study whose every trial fails would never end).
 
     ``study.ask`` marks the trial RUNNING, and the sampler stores its generation and proposal,
     before the lock is released, so the next claimant counts it and never gets the same proposal.
@@ -451,12 +457,13 @@ class TrialClaims:
     or, when each also sees the other's new trial, makes both back off.
 
     Once the budget is claimed, each worker calls :meth:`wait`: it returns when no trial of the
-    study runs any more, so whichever worker ends last, the study then holds exactly ``n_trials``
-    finished trials. A worker killed mid-trial leaves a RUNNING trial whose heartbeat goes stale
-    after the grace period; the next claim or wait fails it (it counts, like every failed trial)
-    and re-queues its parameters. The first heartbeat is recorded before the lock is released, so
-    a RUNNING trial seen without one under the lock lost its worker between ``ask`` and that
-    heartbeat (a SIGKILL at that instant): it is given a heartbeat then, and goes stale the same way.
+    study runs any more, and claims again, since a trial that failed meanwhile freed its place; so
+    whichever worker ends last, the study then holds exactly ``n_trials`` complete or pruned trials.
+    A worker killed mid-trial leaves a RUNNING trial whose heartbeat goes stale after the grace
+    period; the next claim or wait fails it and re-queues its parameters. The first heartbeat is
+    recorded before the lock is released, so a RUNNING trial seen without one under the lock lost
+    its worker between ``ask`` and that heartbeat (a SIGKILL at that instant): it is given a
+    heartbeat then, and goes stale the same way.
 
     The lock is a PostgreSQL session advisory lock (the server drops it if the process dies), an
     ``flock`` on ``<database>.claims.lock`` for an SQLite file, and a lock inside this process for
@@ -494,7 +501,13 @@ class TrialClaims:
             # Optuna warns when heartbeats are used outside study.optimize; callers keep the heartbeat.
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
             self._fail_dead_trials(study)
-            if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= n_trials:
+            if len(study.get_trials(deepcopy=False, states=BUDGET)) >= n_trials:
+                return None
+            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            errors = sum(ERROR_ATTR in t.user_attrs for t in failed)
+            if errors >= n_trials:
+                logger.error("%d trials of study %r failed with an error (see their 'error' attrs): no more trials",
+                             errors, study.study_name)
                 return None
             if stop is not None and (reason := stop(study)) is not None:
                 record_stop(study, reason)
@@ -543,15 +556,15 @@ def open_claims(study: optuna.Study, storage: RDBStorage, space: LongRoPESearchS
 
 
 class TrialProgress:
-    """A progress bar over the study's finished trials, with the best value so far."""
+    """A progress bar over the study's complete and pruned trials (the budget), with the best value so far."""
 
     def __init__(self, study: optuna.Study, n_trials: int, enabled: bool = True) -> None:
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        done = len(study.get_trials(deepcopy=False, states=EVALUATED))
         self._bar = tqdm(total=n_trials, initial=min(done, n_trials), desc="trials", unit="trial",
                          disable=not enabled)
 
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._bar.update(1)
+        self._bar.update(int(trial.state in EVALUATED))
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if completed:
             self._bar.set_postfix(best=f"{min(t.value for t in completed):.3f}", last=trial.state.name.lower())
@@ -583,13 +596,13 @@ def make_objective(workload: Workload, space: LongRoPESearchSpace,
         except optuna.TrialPruned:
             raise
         except Exception as error:
-            trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+            trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}")
             raise
         finally:
             trial.set_user_attr("window_perplexities", per_window)
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
         if not math.isfinite(measured.value):
-            trial.set_user_attr("error", f"non-finite perplexity {measured.value}")
+            trial.set_user_attr(ERROR_ATTR, f"non-finite perplexity {measured.value}")
         return measured.value
 
     return objective
@@ -599,7 +612,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     """Evaluate a claimed trial with a heartbeat running and tell the study how it ended.
 
     Like ``study.optimize``'s own step: pruned and failed trials are recorded as such and the run
-    goes on; a non-finite value fails the trial; Ctrl-C fails the trial, then propagates.
+    goes on; a non-finite value fails the trial. Ctrl-C propagates (:func:`run_search` ends the
+    trial with :func:`interrupt_trial`).
     """
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
@@ -609,9 +623,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
         except Exception as error:
             logger.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
             return study.tell(trial, state=TrialState.FAIL)
-        except KeyboardInterrupt:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Optuna's own note on a non-finite value: logged below
         told = study.tell(trial, value)
@@ -620,13 +631,32 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     return told
 
 
+def interrupt_trial(study: optuna.Study, trial: optuna.Trial) -> None:
+    """End a claimed trial that Ctrl-C or SIGTERM stopped: failed, marked ``interrupted``, and its
+    parameters re-queued at once (a killed worker's are re-queued only once its heartbeat is stale).
+    A trial that is no longer running is left as it is."""
+    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        return
+    study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
+    failed = study.tell(trial, state=TrialState.FAIL)
+    # Optuna's retry record (failed_trial, retry_history), with the sampler's attrs (generation, proposal);
+    # of the user attrs only the seed label: the others describe the interrupted run
+    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+        user_attrs={key: value for key, value in failed.user_attrs.items() if key == "seed"},
+        system_attrs={**failed.system_attrs, "failed_trial": history[0], "retry_history": history}))
+    logger.info("trial %d interrupted: its parameters are queued to run first next time", trial.number)
+
+
 def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, space: LongRoPESearchSpace,
                preset: StudyPreset, progress: bool = True) -> None:
-    """Run trials until the study holds ``preset.search.n_trials`` finished ones (failed and pruned count).
+    """Run trials until the study holds ``preset.search.n_trials`` complete or pruned ones.
 
     Trials are claimed through :class:`TrialClaims`, so any number of processes may run this on one
     storage at the same time: together they finish exactly that many trials, and each returns once
-    the study has them all (it waits for the others' last trials). With ``[search]
+    the study has them all (it waits for the others' last trials, then claims the places that
+    failed trials freed). Ctrl-C ends the running trial with :func:`interrupt_trial`. With ``[search]
     early_stop_generations`` they stop claiming sooner, once the best value has stalled
     (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
     """
@@ -637,10 +667,21 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
         forget_stale_stop(study, stop)
     objective = make_objective(workload, space, workload.schedule(preset.search))
     bar = TrialProgress(study, n_trials, progress)
+    distributions = space.distributions()
+    trial = None
     try:
-        while (trial := claims.claim(study, space.distributions(), n_trials, stop)) is not None:
+        while True:
+            trial = claims.claim(study, distributions, n_trials, stop)
+            if trial is None:
+                claims.wait(study)  # the others' last trials; a dead worker's fail and are re-queued
+                trial = claims.claim(study, distributions, n_trials, stop)
+                if trial is None:
+                    return
             bar.update(study, run_trial(study, trial, objective))
-        claims.wait(study)
+    except KeyboardInterrupt:
+        if trial is not None:
+            interrupt_trial(study, trial)
+        raise
     finally:
         bar.close()
 

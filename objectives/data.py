@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,7 +122,10 @@ def tokenize_documents(documents: Sequence[str], tokenizer, mode: str) -> list[t
         digest.update(hashlib.sha256(text.encode()).digest())
     cache_file = assets.cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.pt"
     if cache_file.is_file():
-        return torch.load(cache_file)
+        try:  # tensors only: a cache file is data, and loading it must never run code
+            return torch.load(cache_file, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError):  # foreign or truncated: tokenize again
+            pass
     streams = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
                for text in texts]
     cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PRESET_DIR = Path(__file__).parent
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 FITNESS_KINDS = ("perplexity", "needle-perplexity")
 EXTEND_MODES = ("longer", "short")
 START_TOKEN_SEARCHES = ("gene", "sweep")  # as hpo.sampler.START_TOKEN_SEARCHES (presets sit below the search)
@@ -178,6 +180,9 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
 def _checked(preset: StudyPreset) -> StudyPreset:
     """Reject settings that would fail later, with the preset's name in the message."""
     problems = []
+    if not (isinstance(preset.name, str) and STUDY_NAME.fullmatch(preset.name)):
+        # the name is the default output directory runs/<name>: it must not lead anywhere else
+        problems.append(f"name must be letters, digits, '_', '-' and '.' (not first), got {preset.name!r}")
     if not isinstance(preset.target_length, int) or preset.target_length <= 0:
         problems.append(f"target_length must be a positive integer, got {preset.target_length!r}")
     original = preset.model.original_length

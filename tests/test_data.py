@@ -158,3 +158,36 @@ def test_pg19_offline_is_a_quick_one_line_error(tmp_path):
     assert result.stdout.count("\n") == 1
     assert result.stdout.startswith("could not load dataset 'emozilla/pg19' split 'validation' (offline?)")
     assert "Pass a local .txt/.jsonl/.parquet file instead." in result.stdout
+
+
+class _Planted:
+    """A pickle that would create ``marker`` when unpickled by a loader that runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_token_cache_file_is_loaded_as_tensors_only(tmp_path, monkeypatch):
+    """The cache is data: a file planted in its place must not run code; it is tokenized again instead."""
+    monkeypatch.setenv("LONGROPE_HPO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "doc.txt").write_text("one two three four five six")
+
+    class WordTokenizer:
+        bos_token_id = 7
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+            return {"input_ids": list(range(1, len(text.split()) + 1))}
+
+        def __len__(self) -> int:
+            return 8
+
+    first = load_windows(str(tmp_path / "doc.txt"), WordTokenizer(), 4, 1, mode="stream")
+    [cache_file] = (tmp_path / "cache" / "tokens").glob("*.pt")
+    marker = tmp_path / "code-ran"
+    torch.save([_Planted(marker)], cache_file)
+    again = load_windows(str(tmp_path / "doc.txt"), WordTokenizer(), 4, 1, mode="stream")
+    assert not marker.exists()
+    assert [w.tolist() for w in again] == [w.tolist() for w in first] == [[1, 2, 3, 4]]

@@ -99,6 +99,7 @@ def write(tmp_path, text: str):
         ("target_length = 100\n[search]\nstart_token_search = 'grid'\n", "start_token_search must be one of"),
         ("target_length = 100\n[search]\nstart_token_search = 'sweep'\n", "needs several search.start_tokens"),
         ("target_length = 100\n[search]\nyarn_beta_fast = 0\n", "yarn_beta_fast and search.yarn_beta_slow"),
+        ("name = '../../elsewhere'\ntarget_length = 100\n", "name must be letters"),
     ],
 )
 def test_malformed_presets(tmp_path, text, message):

@@ -82,8 +82,11 @@ def test_sigkill_mid_run_loses_no_completed_trial_and_generations_continue(tmp_p
     for number, trial in before.items():  # every completed trial kept, unchanged
         assert after[number].state.name == "COMPLETE" and after[number].value == trial.value
         assert after[number].params == trial.params
-    finished = [t for t in after if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
-    assert len(finished) == 40
+    evaluated = [t for t in after if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(evaluated) == 40  # the killed trial did not use up the budget...
+    for killed in (t for t in after if t.state.name == "FAIL"):  # ...and its parameters were run again
+        retried = [t for t in after if t.system_attrs.get("failed_trial") == killed.number]
+        assert [t.state.name for t in retried] == ["COMPLETE"] and retried[0].params == killed.params
     new_generations = [generation(t) for t in after if t.number > max(before) and t.state.name == "COMPLETE"]
     assert min(new_generations) >= max_generation_before  # continued, not restarted at 0
     assert max(new_generations) > max_generation_before
@@ -124,7 +127,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
     trials = load_study(tmp_path).trials
     failed = [t for t in trials if t.state.name == "FAIL"]
     assert len(failed) == 1 and "out of memory" in failed[0].user_attrs["error"]
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 5
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 6  # a failed trial does not use up the budget
 
 
 @pytest.mark.parametrize(
@@ -259,3 +262,67 @@ def test_a_resume_under_other_data_settings_is_refused_with_one_line(tmp_path, c
     assert len(load_study(tmp_path).trials) == 4  # nothing was run under the other settings
     assert main([*base, "--n-trials", "6"]) == 0  # the same settings continue
     assert len(load_study(tmp_path).trials) == 6
+
+
+def test_ctrl_c_in_a_trial_requeues_it_at_once_and_the_rerun_runs_it_first(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_measure = study_module.Workload.measure
+
+    def interrupted(self, factors, step, desc="trial"):
+        calls["n"] += 1
+        if calls["n"] == 9:  # inside trial 4 (two windows a trial)
+            raise KeyboardInterrupt
+        return real_measure(self, factors, step, desc=desc)
+
+    monkeypatch.setattr(study_module.Workload, "measure", interrupted)
+    base = ["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]
+    assert main(base) == 130
+    assert "queued to run first" in capsys.readouterr().err
+    trials = load_study(tmp_path).trials
+    stopped = trials[4]
+    assert stopped.state.name == "FAIL" and stopped.user_attrs["interrupted"] is True
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert len(waiting) == 1 and waiting[0].system_attrs["failed_trial"] == 4 and waiting[0].params == stopped.params
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+
+    assert main(base) == 0  # no heartbeat grace to wait for: the queued parameters run first
+    trials = load_study(tmp_path).trials
+    assert trials[waiting[0].number].state.name == "COMPLETE"
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 8
+
+
+def test_sigterm_ends_the_run_like_ctrl_c(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "hpo.run", "--study", "tiny", "--out", str(tmp_path),
+                                "--n-trials", "400", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    database = tmp_path / "study.db"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            with sqlite3.connect(database) as connection:
+                if connection.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0] >= 6:
+                    break
+        except sqlite3.OperationalError:  # not created yet, or locked
+            continue
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr.splitlines()[-1]
+    trials = load_study(tmp_path).trials
+    assert not [t for t in trials if t.state.name == "RUNNING"]  # ended, not left for the heartbeat to expire
+    for stopped in (t for t in trials if t.user_attrs.get("interrupted")):
+        assert [t.state.name for t in trials if t.system_attrs.get("failed_trial") == stopped.number] == ["WAITING"]
+
+
+def test_a_new_study_never_overwrites_outputs_it_did_not_write(tmp_path, capsys):
+    """A 0-byte study.db would start a new study over the only record left of the old one."""
+    base = ["--study", "tiny", "--out", str(tmp_path), "--n-trials", "4", "--quiet"]
+    assert main(base) == 0
+    kept = {name: (tmp_path / name).read_bytes() for name in ("best_factors.json", "results.json")}
+    (tmp_path / "study.db").write_bytes(b"")
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds best_factors.json, rope_parameters.json, results.json" in err
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
