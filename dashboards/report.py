@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        if args.html.is_dir():
+            raise ValueError(f"--html {args.html} is a directory: give the report's file name, e.g. "
+                             f"{args.html / 'report.html'}")
         studies = open_studies(args.study, args.storage, args.out)
         results = gather_results(args.results, args.study, args.out)
         figures = report_figures(studies, results, top=args.top)

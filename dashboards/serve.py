@@ -20,6 +20,7 @@ that is not a loopback address is warned about.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import logging
@@ -132,6 +133,14 @@ def serve(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, 
         server.server_close()
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number, 0 to 65535."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {text}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dashboards.serve",
                                      description="Publish a study's figures and factor files to Optuna Dashboard "
@@ -144,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifact-dir", type=Path, metavar="DIR",
                         help="artifact store directory (default: DIR/artifacts of the study directory)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
-    parser.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one")
+    parser.add_argument("--port", type=_port, default=8080, help="port; 0 picks a free one")
     parser.add_argument("--allow-writes", action="store_true",
                         help="let the dashboard delete and edit studies, trials and notes (off: read-only)")
     return parser
@@ -178,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         serve(study._storage, store, args.host, args.port, study, args.allow_writes)
     except KeyboardInterrupt:
         pass
+    except OSError as error:  # the port is taken, or the host is not an address of this machine
+        print(f"error: cannot serve on {args.host}:{args.port}: {error.strerror or error}"
+              f"{' (try --port 0 for a free port)' if error.errno == errno.EADDRINUSE else ''}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -35,3 +35,15 @@ def checked_dtype(dtype: str | None) -> str | None:
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPE_CHOICES)}")
     return dtype
+
+
+def positive(kind: type, allow_zero: bool = False):
+    """An argparse type: a number of ``kind`` that is > 0 (>= 0 with ``allow_zero``)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if allow_zero else '> 0'}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
+    return parse

@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
+from hpo.cli import add_dtype_argument, checked_dtype, configure_logging, positive
 from hpo.outputs import study_dir, study_factors
 from hpo.study import StorageError
 from models.assets import AssetError
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-mode", choices=WINDOW_MODES, default=None,
                         help="documents: first tokens of each document; stream: consecutive windows "
                              "(default: stream for essays, documents otherwise)")
-    parser.add_argument("--sliding-stride", type=int, default=None, metavar="TOKENS",
+    parser.add_argument("--sliding-stride", type=positive(int), default=None, metavar="TOKENS",
                         help="ppl: score the stream with a sliding window of each length moved by this stride "
                              "(over samples x length tokens) instead of separate windows; each window starts "
                              "with the tokenizer's BOS, as in the LongRoPE reference")

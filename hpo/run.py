@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
+from hpo.cli import add_dtype_argument, checked_dtype, configure_logging, positive
 from hpo.early_stopping import STOPPED_ATTR
 from hpo.outputs import check_outputs_are_its_own, write_outputs
 from hpo.study import (
@@ -46,18 +46,6 @@ from studies import PresetError, StudyPreset, list_presets, load_preset
 
 logger = logging.getLogger("hpo.run")
 RAY_OPTIONS = ("address", "cpus_per_trial", "gpus_per_trial", "max_concurrent")  # hpo.ray_backend.RayOptions fields
-def _positive(kind: type, allow_zero: bool = False):
-    """An argparse type: a number of ``kind`` that is > 0 (>= 0 with ``allow_zero``)."""
-    def parse(text: str):
-        value = kind(text)
-        if value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"must be {'>= 0' if allow_zero else '> 0'}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hpo.run",
@@ -66,15 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--study", help="preset name (see --list) or path to a preset .toml file")
     parser.add_argument("--list", action="store_true", help="list the study presets and exit")
-    parser.add_argument("--n-trials", type=int, help="finished trials the study should hold (preset's default)")
+    parser.add_argument("--n-trials", type=positive(int),
+                        help="complete or pruned trials the study should hold (preset's default)")
     parser.add_argument("--storage", help="Optuna RDB URL, e.g. postgresql+psycopg://user@host/db "
                                           "(default: sqlite file in --out)")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/<study>)")
     parser.add_argument("--target-length", type=int, help="override the preset's target length in tokens")
-    parser.add_argument("--samples", type=int, help="override the number of searched windows")
+    parser.add_argument("--samples", type=positive(int), help="override the number of searched windows")
     parser.add_argument("--device", help="override the device: auto, cpu, cuda, cuda:N")
     add_dtype_argument(parser, None, "override the preset's [model] dtype")
-    parser.add_argument("--seed", type=int, help="override the search seed")
+    parser.add_argument("--seed", type=positive(int, allow_zero=True), help="override the search seed")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the final table")
     parser.add_argument("--no-pruning", action="store_true",
                         help="measure every trial on every window (the preset's [search] pruning is ignored)")
@@ -84,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray = parser.add_argument_group("Ray Tune (--backend ray)", argument_default=argparse.SUPPRESS)
     ray.add_argument("--ray-address", dest="address",
                      help="join this Ray cluster (host:port of its head, ray://..., auto) instead of starting one")
-    ray.add_argument("--cpus-per-trial", type=_positive(float), help="CPUs per trial (default 1)")
-    ray.add_argument("--gpus-per-trial", type=_positive(float, allow_zero=True), help="GPUs per trial (default 0)")
-    ray.add_argument("--max-concurrent", type=_positive(int),
+    ray.add_argument("--cpus-per-trial", type=positive(float), help="CPUs per trial (default 1)")
+    ray.add_argument("--gpus-per-trial", type=positive(float, allow_zero=True), help="GPUs per trial (default 0)")
+    ray.add_argument("--max-concurrent", type=positive(int),
                      help="trials at once (default: as many as the cluster's CPUs and GPUs hold)")
     return parser
 

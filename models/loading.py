@@ -58,9 +58,19 @@ def cpu_supports_bf16() -> bool:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; an asked device must exist on this machine."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(chosen.type, False):
+        raise ModelLoadError(f"device {device!r} is not available on this machine; use auto or cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -309,6 +319,8 @@ def load_model(
             model, tokenizer = _load_pretrained(str(local), torch_dtype, attn)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"{local} is not a loadable transformers model directory: {error}") from None
+    elif name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id (org/name)
+        raise ModelLoadError(f"no such model directory or file: {local}")
     else:
         model, tokenizer = _load_from_hub(name_or_path, torch_dtype, attn)
     _use_full_attention(model, name_or_path)

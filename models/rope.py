@@ -150,7 +150,10 @@ class RopeFactors:
     def from_dict(cls, data: Mapping[str, Any]) -> RopeFactors:
         if data.get("format", FORMAT_NAME) != FORMAT_NAME:
             raise FactorError(f"not a rope-factors file: format is {data.get('format')!r}")
-        if data.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+        version = data.get("version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise FactorError(f"factor file version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise FactorError(f"factor file version {data['version']} is newer than this tool ({FORMAT_VERSION})")
         missing = [key for key in ("rescale_factors", "original_length", "target_length") if key not in data]
         if missing:
