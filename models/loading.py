@@ -320,7 +320,7 @@ def load_model(
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"{local} is not a loadable transformers model directory: {error}") from None
     elif name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id (org/name)
-        raise ModelLoadError(f"no such model directory or file: {local}")
+        raise ModelLoadError(f"no such model directory or file: {name_or_path}")
     else:
         model, tokenizer = _load_from_hub(name_or_path, torch_dtype, attn)
     _use_full_attention(model, name_or_path)
