@@ -84,10 +84,14 @@ def exported_factors(study: optuna.Study, **metadata: Any) -> tuple[RopeFactors,
 
 
 def study_model(study: optuna.Study) -> str | None:
-    """The model the study searched: a chained study's recorded model, else its preset's; None when unknown."""
+    """The model the study searched, as recorded (a chained study's stage, or the study's settings), else its
+    shipped preset's; None when unknown (a study from before settings were recorded, run from a preset file)."""
     stage = study_stage(study)
     if stage:
         return stage.model
+    recorded = study.user_attrs.get("workload")
+    if recorded:
+        return recorded["model"]
     try:
         return load_preset(study.user_attrs.get("preset", study.study_name)).model.name
     except PresetError:
