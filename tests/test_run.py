@@ -87,8 +87,8 @@ def test_sigkill_mid_run_loses_no_completed_trial_and_generations_continue(tmp_p
     for killed in (t for t in after if t.state.name == "FAIL"):  # ...and its parameters were run again
         retried = [t for t in after if t.system_attrs.get("failed_trial") == killed.number]
         assert [t.state.name for t in retried] == ["COMPLETE"]
-        # a kill inside study.ask can land before the trial's parameters were stored: then it has none to repeat
-        assert retried[0].params == killed.params or not killed.params
+        # study.ask stores a trial's parameters one by one: a kill inside it leaves some, all kept in the retry
+        assert killed.params.items() <= retried[0].params.items()
     new_generations = [generation(t) for t in after if t.number > max(before) and t.state.name == "COMPLETE"]
     assert min(new_generations) >= max_generation_before  # continued, not restarted at 0
     assert max(new_generations) > max_generation_before
