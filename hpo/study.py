@@ -22,6 +22,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -631,6 +632,29 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     return told
 
 
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has ended, then deliver them to the handlers of the moment.
+
+    A claim asks the study for a trial (RUNNING from then on) and returns it; a signal in between would
+    leave a RUNNING trial that no one knows of, until its heartbeat goes stale. Held, it arrives once the
+    caller holds the trial and can end it as interrupted. Only the main thread receives signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    handlers = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
 def interrupt_trial(study: optuna.Study, trial: optuna.Trial) -> None:
     """End a claimed trial that Ctrl-C or SIGTERM stopped: failed, marked ``interrupted``, and its
     parameters re-queued at once (a killed worker's are re-queued only once its heartbeat is stale).
@@ -671,10 +695,12 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
     trial = None
     try:
         while True:
-            trial = claims.claim(study, distributions, n_trials, stop)
+            with _interrupts_held():
+                trial = claims.claim(study, distributions, n_trials, stop)
             if trial is None:
                 claims.wait(study)  # the others' last trials; a dead worker's fail and are re-queued
-                trial = claims.claim(study, distributions, n_trials, stop)
+                with _interrupts_held():
+                    trial = claims.claim(study, distributions, n_trials, stop)
                 if trial is None:
                     return
             bar.update(study, run_trial(study, trial, objective))

@@ -328,3 +328,21 @@ def test_a_new_study_never_overwrites_outputs_it_did_not_write(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already holds best_factors.json, rope_parameters.json, results.json" in err
     assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+
+
+def test_a_signal_while_a_trial_is_claimed_still_ends_that_trial(tmp_path, monkeypatch, capsys):
+    """SIGTERM between asking the study for a trial and handing it over used to leave it RUNNING."""
+    real_claim = study_module.TrialClaims.claim
+
+    def claim_then_sigterm(self, *args, **kwargs):
+        trial = real_claim(self, *args, **kwargs)
+        if trial is not None and trial.number == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the claim, after study.ask
+        return trial
+
+    monkeypatch.setattr(study_module.TrialClaims, "claim", claim_then_sigterm)
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]) == 130
+    trials = load_study(tmp_path).trials
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert trials[5].state.name == "FAIL" and trials[5].user_attrs["interrupted"] is True
+    assert [t.system_attrs["failed_trial"] for t in trials if t.state.name == "WAITING"] == [5]
