@@ -483,6 +483,7 @@ class LongRoPESampler(BaseGASampler):
             if index >= len(pairs):
                 return None
             base, value = pairs[index]
+            base_params = base.params
         elif slot == MUTANT_SWEEP:
             mutants = sorted((t for t in trials if t.system_attrs.get(key) == generation
                               and t.system_attrs.get(SLOT_KEY) == MUTANT and t.state != TrialState.FAIL),
@@ -496,7 +497,7 @@ class LongRoPESampler(BaseGASampler):
             value = np.random.default_rng([self._seed, base.number, 1]).permutation(others)[index % self._sweep_tries]
         else:
             return None
-        params = {**self._project(base.params or base.system_attrs[PROPOSAL_KEY]), START_TOKENS_PARAM: int(value)}
+        params = {**self._project(base_params), START_TOKENS_PARAM: int(value)}
         return None if self._grid_key(params) in seen else ([base.number], params)
 
     def _role(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int) -> str:
