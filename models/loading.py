@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -214,14 +215,25 @@ def _embedded_model_dir(name: str) -> Path:
     return target
 
 
+GGUF_MAGIC = b"GGUF"
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     # Dequantized: packed GGUF kernels compute in fp32 only and can fetch an attention kernel from the hub.
+    with path.open("rb") as file:
+        if file.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ModelLoadError(f"{path} is not a GGUF file: it does not start with {GGUF_MAGIC!r}")
     kwargs = {"gguf_file": path.name}
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, dtype=dtype, attn_implementation=attn,
-        quantization_config=GgufConfig(dequantize=True), **kwargs,
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, dtype=dtype, attn_implementation=attn,
+            quantization_config=GgufConfig(dequantize=True), **kwargs,
+        )
+    except (struct.error, ValueError, EOFError) as error:
+        # what the GGUF reader raises where a file ends early (a truncated download or copy) or holds garbage
+        raise ModelLoadError(f"cannot read {path} ({path.stat().st_size:,} bytes; truncated or corrupt?): "
+                             f"{type(error).__name__}: {' '.join(str(error).split())}") from None
     model.config.quantization_config = None  # the weights are plain tensors now
     return model, tokenizer
 

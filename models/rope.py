@@ -25,6 +25,7 @@ attention scaling.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "longrope-hpo/rope-factors"
 FORMAT_VERSION = 1
@@ -182,12 +185,19 @@ class RopeFactors:
 
     @classmethod
     def load(cls, path: str | Path, geometry: RopeGeometry | None = None) -> RopeFactors:
-        """Read a factor file; with ``geometry``, also check it fits that model."""
+        """Read a factor file; with ``geometry``, also check it fits that model.
+
+        Factors made for another original window than ``geometry``'s are used as they are, with a
+        warning (:func:`warn_if_other_window`).
+        """
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FactorError(f"factor file {path} does not exist") from None
+        except UnicodeDecodeError as error:
+            raise FactorError(f"cannot read {path}: not UTF-8 text "
+                              f"(byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
         except json.JSONDecodeError as error:
             raise FactorError(f"factor file {path} is not valid JSON: {error}") from None
         if not isinstance(data, dict):
@@ -197,7 +207,25 @@ class RopeFactors:
             factors.validate(geometry)
         except FactorError as error:
             raise FactorError(f"{path}: {error}") from None
+        if geometry is not None:
+            warn_if_other_window(factors, geometry.original_length, path)
         return factors
+
+
+def warn_if_other_window(factors: RopeFactors, original_length: int, source: str | Path | None = None) -> bool:
+    """Log one WARNING when ``factors`` extend another original window than the model's ``original_length``.
+
+    Such factors still apply (their rescale factors fit the model's rotary dim), but they were chosen for
+    positions relative to another pretrained window, so results may not be what the file promises.
+    ``source`` (a factor file) names them in the warning, else their method. Returns True when the windows match.
+    """
+    if factors.original_length == original_length:
+        return True
+    what = f"factor file {source}" if source is not None else f"the {factors.method} factors"
+    logger.warning("%s: made for an original window of %d tokens (%d -> %d), but the model's is %d tokens; "
+                   "applying them as they are", what, factors.original_length, factors.original_length,
+                   factors.target_length, original_length)
+    return False
 
 
 def chain_factors(first: RopeFactors, then: RopeFactors) -> RopeFactors:

@@ -41,9 +41,18 @@ class DataError(ValueError):
     """A corpus that cannot be read, or that is too short for what was asked."""
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is a :class:`DataError` naming it and the first bad byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"cannot read {path}: not UTF-8 text "
+                        f"(byte 0x{error.object[error.start]:02x} at offset {error.start})") from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -93,10 +102,10 @@ def load_documents(source: str) -> list[str]:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise DataError(f"directory {path} holds no .txt files")
-        return [file.read_text() for file in files]
+        return [read_utf8(file) for file in files]
     if not path.is_file():
         raise DataError(f"unknown corpus {source!r}: not '{EMBEDDED_CORPUS}', a dataset name, or an existing path")
-    readers = {".txt": lambda p: [p.read_text()], ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    readers = {".txt": lambda p: [read_utf8(p)], ".jsonl": _read_jsonl, ".parquet": _read_parquet}
     if path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
     return readers[path.suffix](path)

@@ -293,9 +293,12 @@ def load_preset(name_or_path: str) -> StudyPreset:
         raise PresetError(f"unknown study {name_or_path!r}; presets: {', '.join(list_presets())} "
                           f"(or pass a path to a .toml file)")
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise PresetError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise PresetError(f"cannot read {path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start})") from None
     sections = {"model": ModelSpec, "data": DataSpec, "fitness": FitnessSpec, "search": SearchSpec,
                 "finetune": FinetuneSpec, "extend": ExtendSpec}
     values: dict[str, Any] = {"name": table.pop("name", path.stem)}
