@@ -39,8 +39,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.pruning import ParentPruner
+from hpo.records import open_storage
 from hpo.sampler import LongRoPESampler
-from hpo.study import load_workload, open_storage, open_study, run_search, search_space_for
+from hpo.study import load_workload, open_study, run_search, search_space_for
 from studies import StudyPreset, load_preset
 
 

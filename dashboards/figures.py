@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import optuna
 import pandas as pd
@@ -20,8 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from hpo.outputs import recorded_search_space
-from hpo.sampler import SEEDS_KEY, LongRoPESampler
+from hpo.records import recorded_search_space, seed_records, trial_generation
 from hpo.search_space import START_TOKENS_PARAM
 
 COLORS = qualitative.Plotly
@@ -29,18 +27,8 @@ BASELINE_DASH = {"pi": "dot", "ntk": "dash", "yarn": "dashdot", "longrope2-init"
 TEMPLATE = "plotly_white"
 
 
-def trial_generation(trial: FrozenTrial) -> int | None:
-    """The generation the LongRoPE sampler put ``trial`` in (None for trials it never saw)."""
-    return trial.system_attrs.get(LongRoPESampler._get_generation_key())
-
-
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def _seed_records(study: optuna.Study) -> list[dict[str, Any]]:
-    """The baselines that opened the search, as ``{"method", "params"}`` records kept by ``enqueue_seeds``."""
-    return study._storage.get_study_system_attrs(study._study_id).get(SEEDS_KEY, [])
 
 
 def _unfinished_y(trial: FrozenTrial, ceiling: float) -> float:
@@ -74,7 +62,7 @@ def factor_curves(studies: Sequence[optuna.Study], top: int = 5) -> go.Figure:
                 line={"color": color, "width": 3 if best else 1}, opacity=1.0 if best else 0.45,
                 hovertemplate=f"trial {trial.number}<br>dim %{{x}}: λ=%{{y:.3f}}<extra>{study.study_name}</extra>",
             )
-        for record in _seed_records(study):
+        for record in seed_records(study):
             if (record["method"], space.target_length) in drawn_baselines:
                 continue
             drawn_baselines.add((record["method"], space.target_length))

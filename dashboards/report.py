@@ -1,7 +1,7 @@
 """One self-contained HTML report of one or more LongRoPE studies.
 
     python -m dashboards.report --study smollm2_16k [--out runs/smollm2_16k | --storage URL] \\
-        [--results runs/smollm2_16k/evaluation.csv ...] --html report.html
+        [--results runs/smollm2_16k/evaluation.csv ...] [--html runs/smollm2_16k/report.html]
     python -m dashboards.report --study a --study b [--out A --out B] --html compare.html
 
 The page holds the figures of :func:`dashboards.figures.report_figures` (factor
@@ -10,7 +10,8 @@ effect of n_hat) with plotly.js inlined, so it opens offline. ``--study``
 repeats to compare studies (overlaid curves); ``--out`` and ``--storage`` are
 given once for all studies or once per study. Without ``--results`` the
 report reads each study's ``evaluation.csv`` (written by ``python -m
-hpo.evaluate --study NAME``) when there is one.
+hpo.evaluate --study NAME``) when there is one. The report goes to ``--html FILE``,
+by default ``report.html`` in the first study's directory.
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ import plotly.io as pio
 from optuna.trial import TrialState
 
 from dashboards.figures import report_figures
-from hpo.evaluate import ResultsError, read_results
-from hpo.outputs import load_study, study_dir
-from hpo.study import StorageError
+from hpo.records import SEARCH_SPACE_ATTR, ResultsError, StorageError, load_study, read_results, study_dir
 
 T = TypeVar("T")
 
@@ -45,6 +44,22 @@ CAPTIONS = {
     "passkey-accuracy": "Share of passkeys retrieved, per context length and depth of the key (0% = top).",
     "start-tokens": "n_hat keeps the first positions on the original RoPE; each point is a complete trial.",
 }
+NO_COMPLETE_TRIAL = {
+    "factor-curves": "No complete trial yet: only the baselines the search starts from are drawn (grey).",
+    "start-tokens": "No complete trial yet: nothing to draw.",
+}
+REPORT_FILE = "report.html"
+
+
+def captions_for(studies: Sequence[optuna.Study]) -> dict[str, str]:
+    """The figures' captions, saying which studies have no complete trial (so no best trial) yet."""
+    without = [s.study_name for s in studies if not s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not without:
+        return CAPTIONS
+    if len(without) == len(studies):
+        return {**CAPTIONS, **NO_COMPLETE_TRIAL}
+    note = f" No complete trial yet in {', '.join(without)}: nothing of it but its baselines is drawn."
+    return {**CAPTIONS, **{key: CAPTIONS[key] + note for key in NO_COMPLETE_TRIAL}}
 
 
 def per_study(values: Sequence[T] | None, names: Sequence[str], option: str) -> list[T | None]:
@@ -60,7 +75,7 @@ def per_study(values: Sequence[T] | None, names: Sequence[str], option: str) -> 
 
 def open_studies(names: Sequence[str], storages: Sequence[str] | None = None,
                  outs: Sequence[Path] | None = None) -> list[optuna.Study]:
-    """The studies ``names`` from their storages (see :func:`hpo.outputs.load_study`)."""
+    """The studies ``names`` from their storages (see :func:`hpo.records.load_study`)."""
     pairs = zip(per_study(storages, names, "--storage"), per_study(outs, names, "--out"), strict=True)
     return [load_study(name, storage, out) for name, (storage, out) in zip(names, pairs, strict=True)]
 
@@ -85,7 +100,7 @@ def summary_table(studies: Sequence[optuna.Study]) -> str:
         count = {state: sum(t.state == state for t in trials) for state in TrialState}
         complete = count[TrialState.COMPLETE] > 0
         best = study.best_trial if complete else None
-        target = study.user_attrs.get("search_space", {}).get("target_length")
+        target = study.user_attrs.get(SEARCH_SPACE_ATTR, {}).get("target_length")
         cells = [study.study_name, count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
                  best.number if best else "-", f"{best.value:.4f}" if best else "-",
                  f"{target:,}" if target else "-"]
@@ -93,13 +108,14 @@ def summary_table(studies: Sequence[optuna.Study]) -> str:
     return f"<table>{header}{''.join(rows)}</table>"
 
 
-def render_html(figures: dict[str, go.Figure], title: str, summary: str = "") -> str:
-    """A complete HTML page with every figure; plotly.js is inlined once, in the first figure."""
+def render_html(figures: dict[str, go.Figure], title: str, summary: str = "",
+                captions: dict[str, str] = CAPTIONS) -> str:
+    """A complete HTML page with every figure and its caption; plotly.js is inlined once, in the first figure."""
     sections = []
     for index, (figure_id, figure) in enumerate(figures.items()):
         plot = pio.to_html(figure, full_html=False, include_plotlyjs=index == 0, div_id=figure_id,
                            config={"displaylogo": False, "responsive": True})
-        caption = html.escape(CAPTIONS.get(figure_id, ""))
+        caption = html.escape(captions.get(figure_id, ""))
         sections.append(f'<section class="figure">{plot}<p class="caption">{caption}</p></section>')
     style = ("body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;color:#222}"
              "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .7rem}"
@@ -124,17 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluation tables (.csv/.json from python -m hpo.evaluate) "
                              "(default: each study's DIR/evaluation.csv, if any)")
     parser.add_argument("--top", type=int, default=5, help="trials drawn per study in the factor curves")
-    parser.add_argument("--html", type=Path, required=True, metavar="FILE", help="the report to write")
+    parser.add_argument("--html", type=Path, metavar="FILE",
+                        help=f"the report to write (default: the first study's DIR/{REPORT_FILE})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    html_path = args.html or study_dir(args.study[0], args.out[0] if args.out else None) / REPORT_FILE
     try:
-        if args.html.is_dir():
-            raise ValueError(f"--html {args.html} is a directory: give the report's file name, e.g. "
-                             f"{args.html / 'report.html'}")
+        if html_path.is_dir():
+            raise ValueError(f"--html {html_path} is a directory: give the report's file name, e.g. "
+                             f"{html_path / REPORT_FILE}")
         studies = open_studies(args.study, args.storage, args.out)
         results = gather_results(args.results, args.study, args.out)
         figures = report_figures(studies, results, top=args.top)
@@ -144,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     if results is None:
         print("no evaluation results (pass --results FILE): the perplexity and passkey figures are left out")
     title = "LongRoPE study " + " vs ".join(args.study)
-    args.html.parent.mkdir(parents=True, exist_ok=True)
-    args.html.write_text(render_html(figures, title, summary_table(studies)))
-    print(f"wrote {args.html} ({len(figures)} figures: {', '.join(figures)})")
+    try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(render_html(figures, title, summary_table(studies), captions_for(studies)))
+    except OSError as error:
+        print(f"error: cannot write the report to {html_path}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    print(f"wrote {html_path} ({len(figures)} figures: {', '.join(figures)})")
     return 0
 
 

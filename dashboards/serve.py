@@ -36,16 +36,23 @@ import optuna_dashboard
 import plotly.graph_objects as go
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
 
 from dashboards.figures import report_figures
 from dashboards.report import gather_results
-from hpo.evaluate import ResultsError
-from hpo.outputs import best_factors, load_study, study_dir
-from hpo.study import StorageError
+from hpo.records import (
+    BEST_FACTORS_FILE,
+    ROPE_PARAMETERS_FILE,
+    ResultsError,
+    StorageError,
+    best_factors,
+    load_study,
+    study_dir,
+)
 
 logger = logging.getLogger("dashboards.serve")
 
-FACTOR_FILES = ("best_factors.json", "rope_parameters.json")
+FACTOR_FILES = (BEST_FACTORS_FILE, ROPE_PARAMETERS_FILE)
 READ_METHODS = ("GET", "HEAD")
 WsgiApp = Callable[[dict, Callable], Iterable[bytes]]
 
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study, args.storage, args.out)
         results = gather_results(args.results, [args.study], [directory])
         figures = report_figures([study], results)
-        factors = best_factors(study)
+        # a live study without a complete trial is served too, to watch it grow; it has no factors yet
+        factors = best_factors(study) if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
     except (StorageError, ResultsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -177,12 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     store = FileSystemArtifactStore(str(artifact_dir))
     with tempfile.TemporaryDirectory() as scratch:
         files = [directory / name for name in FACTOR_FILES if (directory / name).is_file()]
-        if not any(path.name == "best_factors.json" for path in files):
+        if factors is not None and not any(path.name == BEST_FACTORS_FILE for path in files):
             # The study has not been through hpo.run's final step (or lives elsewhere): take its best trial now.
-            files.insert(0, factors.save(Path(scratch) / "best_factors.json"))
+            files.insert(0, factors.save(Path(scratch) / BEST_FACTORS_FILE))
         uploaded = publish(study, figures, files, store)
     logger.info("saved %d figures into study %r; uploaded %s to %s", len(figures), study.study_name,
                 ", ".join(p.name for p in uploaded) or "no new artifacts", artifact_dir)
+    if factors is None:
+        logger.info("study %r has no complete trial yet: its trials show as they finish; run this again to "
+                    "publish its factors and figures once it has one", study.study_name)
     try:
         serve(study._storage, store, args.host, args.port, study, args.allow_writes)
     except KeyboardInterrupt:

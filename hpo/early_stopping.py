@@ -3,7 +3,7 @@
 The search stops when the best value changed by less than ``early_stop_delta`` over the last
 ``early_stop_generations`` generations (the reference: 0.001 perplexity over 20 generations).
 :func:`stop_reason` is the rule, a pure reader of the study's records; :func:`stopper` builds it
-from a preset's ``[search]`` settings for :meth:`hpo.study.TrialClaims.claim`, which stops handing
+from a preset's ``[search]`` settings for :meth:`hpo.records.TrialClaims.claim`, which stops handing
 out trials once it fires, records the reason in the study's ``early_stopped`` user attr
 (:data:`STOPPED_ATTR`) and logs it.
 """
@@ -19,14 +19,12 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from hpo.records import EVALUATED, GENERATION_KEY, STOPPED_ATTR
 from hpo.sampler import LongRoPESampler
 from studies import SearchSpec
 
 logger = logging.getLogger("hpo.study")
 
-STOPPED_ATTR = "early_stopped"  # study user attr: the reason, once the rule has fired
-GENERATION_KEY = LongRoPESampler._get_generation_key()
-EVALUATED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 StopRule = Callable[[optuna.Study], str | None]
 
@@ -102,13 +100,6 @@ def stopper(search: SearchSpec, sampler: optuna.samplers.BaseSampler | None = No
     size = sampler.generation_size if isinstance(sampler, LongRoPESampler) else None
     return partial(stop_reason, delta=search.early_stop_delta, generations=search.early_stop_generations,
                    generation_size=size)
-
-
-def record_stop(study: optuna.Study, reason: str) -> None:
-    """Record ``reason`` as the study's ``early_stopped`` user attr and log it (one INFO line)."""
-    if study.user_attrs.get(STOPPED_ATTR) != reason:
-        study.set_user_attr(STOPPED_ATTR, reason)
-    logger.info("early stop: %s; no new trials", reason)
 
 
 def forget_stale_stop(study: optuna.Study, stop: StopRule | None) -> None:

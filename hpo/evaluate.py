@@ -25,20 +25,16 @@ which :func:`read_results` and the reports in :mod:`dashboards` read.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from hpo.cli import add_dtype_argument, checked_dtype, configure_logging, positive
-from hpo.outputs import study_dir, study_factors
-from hpo.study import StorageError
+from hpo.records import EvaluationRow, StorageError, study_dir, study_factors, write_results
 from models.assets import AssetError
 from models.baselines import BASELINES, baseline
 from models.loading import DEFAULT_MODEL, ModelLoadError, load_model
@@ -54,33 +50,6 @@ logger = logging.getLogger(__name__)
 TASKS = ("ppl", "passkey", "needle-ppl")
 CONFIG_METHOD = "config"  # no patch: the RoPE the model's config defines
 DEFAULT_LENGTHS = [8192, 16384]
-RESULT_COLUMNS = ("method", "task", "length", "depth", "perplexity", "accuracy", "seconds", "tokens", "windows")
-
-
-@dataclass
-class EvaluationRow:
-    """One measurement: a method on a task at a length (and, for passkey, a depth bin).
-
-    ``perplexity`` is set for ``ppl`` and ``needle-ppl``, ``accuracy`` and ``depth``
-    (the centre of the depth bin, 0 = top of the context) for ``passkey``; the
-    others are None. ``windows`` counts the windows or prompts measured.
-    """
-
-    method: str
-    length: int
-    seconds: float
-    tokens: int
-    windows: int
-    task: str = "ppl"
-    perplexity: float | None = None
-    accuracy: float | None = None
-    depth: float | None = None
-
-
-class ResultsError(ValueError):
-    """A results file that does not exist or is not an evaluation table."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks. Each prepares its inputs once per length and returns a function that measures the model
 # with whatever RoPE it has at call time, so every candidate sees the same windows and prompts.
@@ -264,52 +233,6 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The results table.
-
-
-def results_frame(rows: list[EvaluationRow]) -> pd.DataFrame:
-    """The rows as a tidy DataFrame with columns :data:`RESULT_COLUMNS`."""
-    return pd.DataFrame([asdict(row) for row in rows], columns=list(RESULT_COLUMNS))
-
-
-def write_results(rows: list[EvaluationRow], *, csv: Path | None = None, json_path: Path | None = None,
-                  meta: dict | None = None) -> list[Path]:
-    """Write the table as CSV and/or JSON (``{**meta, "results": [row, ...]}``); returns the paths written."""
-    written = []
-    if csv is not None:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        results_frame(rows).to_csv(csv, index=False)
-        written.append(csv)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({**(meta or {}), "results": [asdict(r) for r in rows]}, indent=2) + "\n")
-        written.append(json_path)
-    return written
-
-
-def read_results(path: str | Path) -> pd.DataFrame:
-    """An evaluation table written by :func:`write_results` (``.csv`` or ``.json``) as a DataFrame.
-
-    Columns missing from older files (``task``, ``accuracy``, ``depth``) are filled:
-    a row without a task was a perplexity row.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ResultsError(f"results file {path} does not exist")
-    try:
-        if path.suffix == ".csv":
-            frame = pd.read_csv(path)
-        elif path.suffix == ".json":
-            frame = pd.DataFrame(json.loads(path.read_text())["results"])
-        else:
-            raise ResultsError(f"results file {path} must be .csv or .json")
-    except (ValueError, KeyError, TypeError, pd.errors.ParserError) as error:
-        raise ResultsError(f"results file {path} is not an evaluation table: {error}") from None
-    missing = [c for c in ("method", "length") if c not in frame.columns]
-    if missing:
-        raise ResultsError(f"results file {path} lacks the column(s) {', '.join(missing)}")
-    if "task" not in frame.columns:
-        frame["task"] = "ppl"
-    return frame.reindex(columns=list(RESULT_COLUMNS))
 
 
 def describe(row: EvaluationRow) -> str:

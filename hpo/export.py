@@ -16,8 +16,16 @@ from pathlib import Path
 
 import optuna
 
-from hpo.outputs import StudyError, best_factors, exported_factors, load_study, study_model, study_stage
-from hpo.study import StorageError
+from hpo.records import (
+    StorageError,
+    StudyError,
+    best_factors,
+    exported_factors,
+    load_study,
+    study_model,
+    study_stage,
+    writable_dir,
+)
 from models.assets import AssetError
 from models.export import save_extended_model
 from models.loading import ModelLoadError, load_model
@@ -26,7 +34,7 @@ from models.rope import FactorError, RopeFactors
 
 def exported_pair(study: optuna.Study, short_study: optuna.Study | None = None
                   ) -> tuple[RopeFactors, RopeFactors | None]:
-    """``(long factors, short factors or None)`` to export: ``study``'s own (:func:`hpo.outputs.exported_factors`),
+    """``(long factors, short factors or None)`` to export: ``study``'s own (:func:`hpo.records.exported_factors`),
     with the short factors of ``short_study`` when given."""
     long_factors, short_factors = exported_factors(study)
     if short_study is None:
@@ -57,16 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # checked first: save_pretrained only logs an error for a file and writes nothing
-        blocking = next((path for path in (args.to, *args.to.parents) if path.exists() and not path.is_dir()), None)
-        if blocking is not None:
-            raise StudyError(f"--to {args.to}: {blocking} is a file, not a directory to write the model into")
+        writable_dir(args.to, "--to")  # checked first: save_pretrained only logs an error for a file, writes nothing
         study = load_study(args.study, args.storage, args.out)
         short_study = load_study(args.short_from, None, args.short_out) if args.short_from else None
         long_factors, short_factors = exported_pair(study, short_study)
         model_name = study_model(study)
         if model_name is None:
-            raise StudyError(f"study {args.study!r} does not say which model it searched (its preset is not shipped)")
+            raise StudyError(f"study {args.study!r} does not record which model it searched (made before studies "
+                             f"recorded their settings): run `python -m hpo.run` on it once to record them")
         model, tokenizer = load_model(model_name, dtype="float32")
         save_extended_model(model, tokenizer, args.to, long_factors, short_factors)
     except (StudyError, StorageError, AssetError, ModelLoadError, FactorError, ValueError) as error:

@@ -61,13 +61,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
-from hpo.outputs import StudyError, study_dir, study_factors
-from hpo.study import StorageError, stage_for
+from hpo.records import StorageError, StudyError, stage_for, study_dir, study_factors
 from models.assets import AssetError
 from models.export import save_extended_model
 from models.loading import ModelLoadError, load_model, pick_device, pick_dtype
 from models.patch import apply_factors
-from models.rope import FactorError, RopeFactors, RopeGeometry
+from models.rope import FactorError, RopeFactors, RopeGeometry, warn_if_other_window
 from objectives.data import DataError, default_window_mode, load_documents, tokenize_documents
 from studies import PresetError, StudyPreset, load_preset
 
@@ -339,7 +338,9 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
     # fp32 master weights; bf16 (where native) comes from Accelerate's autocast
     model, tokenizer = load_model(model_name, dtype="float32", device=str(accelerator.device),
                                   attn_implementation=preset.model.attn)
-    factors.validate(RopeGeometry.from_config(model.config))
+    geometry = RopeGeometry.from_config(model.config)
+    factors.validate(geometry)
+    warn_if_other_window(factors, preset.model.original_length or geometry.original_length)
     length = tune.sequence_length or preset.target_length
     if length <= factors.original_length:
         raise FinetuneError(f"sequence_length {length} must be longer than the original window "

@@ -5,7 +5,7 @@ pruner, claims and reports are the local backend's, and Ray Tune decides where e
 
 - :class:`StudySearcher` is Ray's ``OptunaSearch`` on the study's own storage, name and
   :class:`~hpo.sampler.LongRoPESampler`. It claims every trial through
-  :class:`~hpo.study.TrialClaims` (so the budget stays exact with other processes on the same
+  :class:`~hpo.records.TrialClaims` (so the budget stays exact with other processes on the same
   study), keeps its heartbeat in the driver and records the result as the local objective does.
 - :class:`StudyScheduler` reports each fidelity step to the study and stops the Tune trial when
   the study's :class:`~hpo.pruning.ParentPruner` prunes it: the local backend's decisions, in
@@ -43,22 +43,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from hpo.early_stopping import StopRule, forget_stale_stop, stopper
+from hpo.records import ERROR_ATTR, StopSignals, TrialClaims, interrupt_trial, interrupts_held, worker_name
 from hpo.search_space import LongRoPESearchSpace
-from hpo.study import (
-    BackendError,
-    TrialClaims,
-    TrialProgress,
-    Workload,
-    load_workload,
-    open_claims,
-    search_space_for,
-    worker_name,
-)
+from hpo.study import BackendError, TrialProgress, Workload, load_workload, open_claims, search_space_for
 from studies import StudyPreset
 
 METRIC = "perplexity"
 # Result keys copied onto the study trial's user attrs (the local objective records the same ones).
-RESULT_ATTRS = ("worker", "model_loads", "seconds", "window_perplexities", "error")
+RESULT_ATTRS = ("worker", "model_loads", "seconds", "window_perplexities", ERROR_ATTR)
 
 
 @dataclass(frozen=True)
@@ -159,7 +151,7 @@ class StudyTrainable(tune.Trainable):
         try:
             measured = next(self._measurements)
         except Exception as error:  # recorded on the study trial, as the local objective does
-            return {**result, METRIC: math.nan, "error": f"{type(error).__name__}: {error}", "done": True}
+            return {**result, METRIC: math.nan, ERROR_ATTR: f"{type(error).__name__}: {error}", "done": True}
         if not measured.step.prefix:
             self._window_perplexities.append(measured.perplexity)
         complete = measured.step == self._schedule[-1]
@@ -171,15 +163,17 @@ class StudyTrainable(tune.Trainable):
 class StudySearcher(OptunaSearch):
     """Ray Tune's ``OptunaSearch`` on the study's storage and sampler, claiming trials like a local worker.
 
-    - :meth:`suggest` claims the next trial with :class:`~hpo.study.TrialClaims` (``FINISHED``
+    - :meth:`suggest` claims the next trial with :class:`~hpo.records.TrialClaims` (``FINISHED``
       once the study holds its ``n_trials`` running, complete or pruned trials, or once ``stop``
       fires: early stopping, recorded and logged by the claim), starts its heartbeat in this driver
       process and hands its parameters to Tune.
     - :meth:`report` (called by :class:`StudyScheduler` for every result but the last) records the
       running value at its step and asks the study's pruner.
     - :meth:`on_trial_complete` tells the study: COMPLETE after the last step, PRUNED when the
-      pruner stopped it (Optuna keeps the last running value), FAIL when measuring raised, the
-      worker died or the run was interrupted; with the local backend's user attrs.
+      pruner stopped it (Optuna keeps the last running value), FAIL when measuring raised or the
+      worker died; with the local backend's user attrs. A trial Tune stopped before its last step
+      (an interrupted run) is ended with :func:`~hpo.records.interrupt_trial`, as :meth:`close` ends
+      the ones Tune never reported.
 
     The study is the only checkpoint: :meth:`save_to_dir` writes nothing, and a run is resumed by
     running the same command again.
@@ -206,14 +200,19 @@ class StudySearcher(OptunaSearch):
         self._stop = stop
         self._heartbeats: dict[str, BaseHeartbeatThread] = {}
         self._pruned: set[str] = set()
+        self.claimed = 0  # trials this searcher claimed: a run that claims none has nothing left to do
+
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         trial = self._claims.claim(self._ot_study, self._space, self._n_trials, self._stop)
         if trial is None:
             return Searcher.FINISHED
+        self.claimed += 1
         self._ot_trials[trial_id] = trial
-        self._heartbeats[trial_id] = get_heartbeat_thread(trial._trial_id, self._ot_study._storage)
-        self._heartbeats[trial_id].start()
+        heartbeat = get_heartbeat_thread(trial._trial_id, self._ot_study._storage)
+        with interrupts_held():  # as records.heartbeat_running: a signal in Thread.start would orphan the thread
+            heartbeat.start()
+            self._heartbeats[trial_id] = heartbeat
         return dict(trial.params)
 
     def report(self, trial_id: str, result: dict[str, Any]) -> bool:
@@ -240,24 +239,32 @@ class StudySearcher(OptunaSearch):
             value = result[METRIC]
             trial.report(value, result["fidelity_step"])  # the last step never reaches the scheduler
             if not math.isfinite(value):
-                trial.set_user_attr("error", f"non-finite perplexity {value}")
+                trial.set_user_attr(ERROR_ATTR, f"non-finite perplexity {value}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # a non-finite value fails the trial: recorded above
                 told = self._ot_study.tell(trial, value)
-        else:
-            if "error" not in result:
-                trial.set_user_attr("error", "the Ray worker died" if error else "interrupted")
+        elif error or ERROR_ATTR in result:
+            trial.set_user_attr(ERROR_ATTR, result.get(ERROR_ATTR, "the Ray worker died"))
             told = self._ot_study.tell(trial, state=TrialState.FAIL)
+        else:  # stopped by Tune before its last step: its parameters run again first
+            interrupt_trial(self._ot_study, trial)
+            return
         self._on_told(self._ot_study, told)
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         """Nothing to save: the study storage is the checkpoint."""
 
-    def close(self) -> None:
-        """Stop the heartbeats of trials Tune never completed (a run that broke off): they go stale and are retried."""
+    def close(self) -> int:
+        """End the trials Tune never completed (a run that Ctrl-C or SIGTERM broke off) with
+        :func:`~hpo.records.interrupt_trial`, so their parameters run first next time; how many there were."""
         for heartbeat in self._heartbeats.values():
             heartbeat.join()
         self._heartbeats.clear()
+        for trial in self._ot_trials.values():
+            interrupt_trial(self._ot_study, trial)
+        interrupted = len(self._ot_trials)
+        self._ot_trials.clear()
+        return interrupted
 
 
 class StudyScheduler(FIFOScheduler):
@@ -272,12 +279,15 @@ class StudyScheduler(FIFOScheduler):
 
 
 def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload, space: LongRoPESearchSpace,
-                   preset: StudyPreset, options: RayOptions, out_dir: Path, progress: bool = True) -> None:
+                   preset: StudyPreset, options: RayOptions, out_dir: Path, progress: bool = True,
+                   stop_signals: StopSignals | None = None) -> None:
     """:func:`hpo.study.run_search` with Ray Tune placing the trials; call :func:`connect` first.
 
-    Runs trials until the study holds ``preset.search.n_trials`` finished ones (failed and pruned
-    count), or until early stopping fires as it does locally, and none runs. ``workload`` is the
-    driver's (for the seeds' geometry); the workers load their own.
+    Runs trials until the study holds ``preset.search.n_trials`` complete or pruned ones, or until
+    early stopping fires as it does locally, and none runs. Ctrl-C or SIGTERM raises
+    ``KeyboardInterrupt`` once the running trials are ended with :func:`~hpo.records.interrupt_trial`
+    and Ray is shut down (its trial actors with it).
+    ``workload`` is the driver's (for the seeds' geometry); the workers load their own.
     Tune's own files go to ``out_dir/ray_results``.
     """
     n_trials = preset.search.n_trials
@@ -286,24 +296,42 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
     with claims.locked():
         forget_stale_stop(study, stop)
     bar = TrialProgress(study, n_trials, progress)
-    searcher = StudySearcher(study, storage, claims, space, n_trials, bar.update, stop)
     # Tune passes this on to its trainables: they stay in the driver's directory, so relative
     # model and data paths in a preset work as they do locally.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # Tune's own Ctrl-C handler ends the run as if it had finished; without it Ctrl-C (and SIGTERM, which
+    # hpo.run turns into Ctrl-C) leaves fit with KeyboardInterrupt, and the held trials are re-queued below.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     trainable = tune.with_resources(tune.with_parameters(StudyTrainable, preset=preset),
                                     {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=StudyScheduler(searcher), num_samples=-1,
-                                    max_concurrent_trials=concurrency(options), reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str((out_dir / "ray_results").resolve()), verbose=0,
-                                  # Tune checkpoints class trainables at the end by default; the study is the record.
-                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
-    )
     try:
-        tuner.fit()
-        claims.wait(study)  # other processes' trials on the same study
+        while True:
+            searcher = StudySearcher(study, storage, claims, space, n_trials, bar.update, stop)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=StudyScheduler(searcher), num_samples=-1,
+                                            max_concurrent_trials=concurrency(options), reuse_actors=True),
+                run_config=tune.RunConfig(name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                          storage_path=str((out_dir / "ray_results").resolve()), verbose=0,
+                                          # Tune checkpoints class trainables at the end by default; the study is
+                                          # the record.
+                                          checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
+            )
+            try:
+                tuner.fit()
+                if stop_signals is not None:  # a signal Python dropped inside Tune
+                    stop_signals.check()
+            finally:
+                searcher.close()
+            # As the local loop: wait for the other processes' last trials, then claim again, since a trial
+            # that failed meanwhile (here or there) freed its place; done once a run claims nothing.
+            claims.wait(study)
+            if searcher.claimed == 0:
+                return
+    except KeyboardInterrupt:
+        # Tune's cleanup did not run: the interrupted fit's trial actors would hold their CPUs and GPUs in a
+        # Ray that outlives this call (a notebook's, or a test's), so later runs could not place a trial.
+        ray.shutdown()
+        raise
     finally:
-        searcher.close()
         bar.close()

@@ -15,28 +15,31 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from hpo.cli import add_dtype_argument, checked_dtype, configure_logging, positive
-from hpo.early_stopping import STOPPED_ATTR
-from hpo.outputs import check_outputs_are_its_own, write_outputs
+from hpo.outputs import write_outputs
+from hpo.records import (
+    STOPPED_ATTR,
+    StopSignals,
+    StorageError,
+    check_outputs_are_its_own,
+    default_storage_url,
+    open_storage,
+    study_dir,
+    writable_dir,
+)
 from hpo.study import (
     BackendError,
-    StorageError,
     compare_with_baselines,
-    default_storage_url,
     format_comparison,
     load_workload,
-    open_storage,
     open_study,
     run_search,
     search_space_for,
-    study_dir,
 )
 from models.assets import AssetError
 from models.loading import ModelLoadError
@@ -111,24 +114,14 @@ def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPrese
                           model__dtype=checked_dtype(args.dtype), search__pruning=False if args.no_pruning else None)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM (a scheduler or ``kill``) ends the run as Ctrl-C does: the running trial is re-queued."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
-        return run_command(args)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run_command(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with StopSignals() as stop_signals:  # SIGTERM (a scheduler, `kill`) ends the run as Ctrl-C does
+        return run_command(args, stop_signals)
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """The command for parsed ``args``: its exit status."""
+def run_command(args: argparse.Namespace, stop_signals: StopSignals | None = None) -> int:
+    """The command for parsed ``args``: its exit status. ``stop_signals``: checked between trials."""
     configure_logging(args.quiet)
     if args.list:
         print_presets()
@@ -139,8 +132,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         ray_settings = ray_arguments(args)
         preset = apply_overrides(load_preset(args.study), args)
-        out_dir = study_dir(preset.name, args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = writable_dir(study_dir(preset.name, args.out), "--out")
         storage = open_storage(preset.storage or default_storage_url(out_dir))
         check_outputs_are_its_own(out_dir, preset.name, storage)
         if args.backend == "ray":  # before loading the model: a bad address fails in seconds
@@ -155,9 +147,9 @@ def run_command(args: argparse.Namespace) -> int:
                     args.backend, "on" if preset.search.pruning else "off")
         if args.backend == "ray":
             ray_backend.run_search_ray(study, storage, workload, space, preset, options, out_dir,
-                                       progress=not args.quiet)
+                                       progress=not args.quiet, stop_signals=stop_signals)
         else:
-            run_search(study, storage, workload, space, preset, progress=not args.quiet)
+            run_search(study, storage, workload, space, preset, progress=not args.quiet, stop_signals=stop_signals)
         rows = compare_with_baselines(study, workload, space)
         paths = write_outputs(out_dir, study, preset, workload.model_geometry, rows)
     except (PresetError, StorageError, BackendError, AssetError, ModelLoadError, FactorError, DataError,

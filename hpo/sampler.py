@@ -22,12 +22,13 @@ from optuna.samplers import BaseGASampler, RandomSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.records import SEEDS_KEY
 from hpo.search_space import ATTENTION_SCALING_PARAM, CRITICAL_DIM_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
 from models.rope import RopeFactors
 
 # Study and trial system attributes. The generation and parent-cache keys come from
-# BaseGASampler, which derives them from the class name ("LongRoPESampler:...").
-SEEDS_KEY = "LongRoPESampler:seeds"
+# BaseGASampler, which derives them from the class name ("LongRoPESampler:..."); the seeds' and the
+# generation's keys, which readers use too, are spelled in hpo.records.
 PROPOSAL_KEY = "LongRoPESampler:proposal"
 ROLE_KEY = "LongRoPESampler:role"
 PARENTS_KEY = "LongRoPESampler:parents"

@@ -6,7 +6,7 @@ trials until the study holds ``n_trials`` finished ones, then compare the best
 factors with none / PI / NTK / YaRN on both window sets; :mod:`hpo.outputs` writes the outputs.
 The Ray backend (:mod:`hpo.ray_backend`) replaces only the middle step.
 
-Every trial is claimed under a study-wide lock (:class:`TrialClaims`), so several
+Every trial is claimed under a study-wide lock (:class:`~hpo.records.TrialClaims`), so several
 processes may share one study, and committed to the storage when it ends, so a stop
 at any moment loses at most the running trial. A run killed hard (SIGKILL) leaves
 that trial RUNNING; its heartbeat goes stale and the next claim fails it and
@@ -17,41 +17,41 @@ pruned (:mod:`hpo.pruning`).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import logging
 import math
-import os
-import signal
-import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import torch
-from optuna.distributions import BaseDistribution
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-from optuna.storages._rdb.models import TrialHeartbeatModel
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from hpo.early_stopping import StopRule, forget_stale_stop, record_stop, stopper
+from hpo.early_stopping import forget_stale_stop, stopper
 from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
+from hpo.records import (
+    ERROR_ATTR,
+    EVALUATED,
+    Stage,
+    StopSignals,
+    TrialClaims,
+    heartbeat_running,
+    interrupt_trial,
+    interrupts_held,
+    record_study,
+    stage_for,
+    worker_name,
+)
 from hpo.sampler import LongRoPESampler, enqueue_seeds
 from hpo.search_space import LongRoPESearchSpace
 from models.baselines import baseline, critical_dimension, yarn
 from models.loading import load_model, model_revision
 from models.patch import patched
-from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
+from models.rope import FactorError, RopeFactors, RopeGeometry
 from objectives.data import default_window_mode, load_windows
 from objectives.needle import needle_windows
 from objectives.perplexity import PerplexityResult, perplexity
@@ -60,130 +60,10 @@ from studies import SearchSpec, StudyPreset
 logger = logging.getLogger(__name__)
 
 REFERENCE_METHODS = ("none", "pi", "ntk", "yarn")
-HEARTBEAT_INTERVAL_S = 10
-GRACE_PERIOD_S = 30
-SCHEMA_ATTEMPTS = 3
-STALE_RETRIES = 2  # a trial whose worker died this often is probably what kills it: it is not re-queued again
-SCHEMA_RACE_ERRORS = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError)
-SQLITE_RACE_MARKERS = ("already exists", "database is locked")
-EVALUATED = (TrialState.COMPLETE, TrialState.PRUNED)
-BUDGET = (TrialState.RUNNING, *EVALUATED)  # what --n-trials counts: a failed trial is re-run, not spent
-INTERRUPTED_ATTR = "interrupted"  # user attr of a trial that Ctrl-C or SIGTERM stopped
-ERROR_ATTR = "error"  # user attr of a trial that raised or gave a non-finite value
-
-
-class StorageError(RuntimeError):
-    """The study storage URL cannot be opened."""
 
 
 class BackendError(RuntimeError):
     """The asked execution backend cannot run: not installed, or its cluster cannot be reached or used."""
-
-
-def default_storage_url(out_dir: Path) -> str:
-    return f"sqlite:///{(out_dir / 'study.db').resolve()}"
-
-
-def open_storage(url: str) -> RDBStorage:
-    """An RDB storage with heartbeats, so trials of a killed process are failed and retried."""
-    attempt = 1
-    while True:
-        try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5 but are what resume needs
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
-                    url,
-                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                    grace_period=GRACE_PERIOD_S,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=STALE_RETRIES),
-                    engine_kwargs={"pool_pre_ping": True},
-                )
-        except SCHEMA_RACE_ERRORS as error:
-            # Workers started together on a fresh database race to create Optuna's tables; the losers get a
-            # duplicate-key error (PostgreSQL), or "table ... already exists" or "database is locked" (SQLite),
-            # and find the schema made on the next try. Any other operational error (a server that is down, a
-            # bad path) is no race.
-            if isinstance(error, sqlalchemy.exc.OperationalError) and not any(
-                    marker in str(error) for marker in SQLITE_RACE_MARKERS):
-                raise StorageError(_storage_message(url, error)) from None
-            if attempt == SCHEMA_ATTEMPTS:
-                raise StorageError(_storage_message(url, error)) from None
-            attempt += 1
-            time.sleep(1.0)
-        except Exception as error:  # sqlalchemy raises many types for bad URLs and unreachable servers
-            raise StorageError(_storage_message(url, error)) from None
-
-
-def _storage_message(url: str, error: Exception) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"cannot open study storage {url!r}: {type(error).__name__}: {first_line}"
-
-
-def worker_name() -> str:
-    """``host:pid`` of this process, recorded on every trial it evaluates."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def study_dir(name: str, out: str | Path | None = None) -> Path:
-    """A study's output directory: ``out``, else ``runs/<name>`` as ``python -m hpo.run`` uses."""
-    return Path(out) if out is not None else Path("runs") / name
-
-
-@dataclass(frozen=True)
-class Stage:
-    """What an earlier study hands to a chained one (a preset's ``[extend]``).
-
-    ``factors`` are the earlier study's (the ones its fine-tuned model was trained with, when
-    ``model`` is that model's directory); ``mode`` is ``"longer"`` or ``"short"``.
-    """
-
-    from_study: str
-    mode: str
-    factors: RopeFactors
-    model: str
-
-    def to_record(self) -> dict[str, Any]:
-        return {"from_study": self.from_study, "mode": self.mode, "factors": self.factors.to_dict(),
-                "model": self.model}
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Stage:
-        return cls(record["from_study"], record["mode"], RopeFactors.from_dict(record["factors"]), record["model"])
-
-    def final_factors(self, found: RopeFactors) -> RopeFactors:
-        """The factors the model runs with for searched ``found``: chained after the earlier ones when longer;
-        when short, with the long factors' attention scaling, since an exported ``longrope`` config has one
-        attention factor for both sets."""
-        if self.mode == "longer":
-            return chain_factors(self.factors, found)
-        return dataclasses.replace(found, attention_scaling=self.factors.attention_scaling)
-
-
-def stage_for(preset: StudyPreset) -> Stage | None:
-    """The earlier study a chained preset builds on, read from that study's output directory.
-
-    With ``extend.finetuned`` the model is the fine-tuned directory ``DIR/finetuned`` that
-    ``python -m hpo.finetune`` wrote, with the factors it was trained with; otherwise the preset's
-    model with the earlier study's ``best_factors.json``. A missing output is an error that names
-    the command that makes it.
-    """
-    extend = preset.extend
-    if extend.from_study is None:
-        return None
-    directory = study_dir(extend.from_study, extend.from_dir)
-    if extend.finetuned:
-        model_dir = directory / "finetuned"
-        factor_file = model_dir / "rope_factors.json"
-        missing = f"run `python -m hpo.finetune --study {extend.from_study}` first (or set extend.finetuned = false)"
-        model = str(model_dir)
-    else:
-        factor_file = directory / "best_factors.json"
-        missing = f"run `python -m hpo.run --study {extend.from_study}` first"
-        model = preset.model.name
-    if not factor_file.is_file():
-        raise FactorError(f"study {preset.name!r} builds on {extend.from_study!r}, but {factor_file} does not "
-                          f"exist: {missing}")
-    return Stage(extend.from_study, extend.mode, RopeFactors.load(factor_file), model)
 
 
 @dataclass(frozen=True)
@@ -373,174 +253,16 @@ def workload_record(preset: StudyPreset, workload: Workload) -> dict[str, Any]:
     return record
 
 
-def _refuse_other_settings(name: str, what: str, recorded: dict[str, Any], current: dict[str, Any]) -> None:
-    """A one-line ``ValueError`` naming the first key whose value differs between the two records."""
-    for key, now in current.items():
-        if recorded.get(key) != now:
-            raise ValueError(f"study {name!r} in this storage was run with {what}{key} = {recorded.get(key)!r}, "
-                             f"not {now!r}: its values would not compare with new ones; use the same settings to "
-                             f"continue, or another --out/--storage for a new study")
-
-
 def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace,
                workload: Workload) -> optuna.Study:
     """Create the study or load it to continue; the preset's space, the workload's settings
     (:func:`workload_record`) and its stage are recorded and must not change: a resume under other
-    settings is a ``ValueError`` that names the first setting that differs."""
+    settings is a :class:`~hpo.records.StudyError` that names the first setting that differs."""
     sampler = sampler_for(preset, space)
     study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
                                 pruner=pruner_for(preset), load_if_exists=True)
-    stage, settings = workload.stage, workload_record(preset, workload)
-    if study.user_attrs.get("search_space") is None:
-        study.set_user_attr("search_space", space.to_record())
-        study.set_user_attr("preset", preset.name)
-        study.set_user_attr("workload", settings)
-        if stage:
-            study.set_user_attr("stage", stage.to_record())
-    if study.user_attrs.get("workload") is None:  # a study from before settings were recorded: take today's
-        logger.info("study %r has no recorded settings: recording the current ones", preset.name)
-        study.set_user_attr("workload", settings)
-    _refuse_other_settings(preset.name, "", study.user_attrs["workload"], settings)
-    recorded_space = LongRoPESearchSpace.from_record(study.user_attrs["search_space"]).to_record()
-    _refuse_other_settings(preset.name, "search space ", recorded_space, space.to_record())
-    if study.user_attrs.get("stage") != (stage.to_record() if stage else None):
-        raise ValueError(f"study {preset.name!r} in this storage was built on other earlier factors than "
-                         f"{preset.extend.from_study!r} has now; use another --out/--storage to start a new study")
+    record_study(study, preset.name, space, workload_record(preset, workload), workload.stage)
     return study
-
-
-@contextmanager
-def _advisory_lock(engine: sqlalchemy.Engine, key: int) -> Iterator[None]:
-    # AUTOCOMMIT: a session-level advisory lock needs no transaction, and an open one would idle on the server.
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        try:
-            yield
-        finally:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _process_lock(lock: threading.Lock) -> Iterator[None]:
-    with lock:
-        yield
-
-
-class TrialClaims:
-    """Hands a study's trials out to workers so that together they run exactly ``n_trials``.
-
-    Any number of processes (local workers, Ray drivers) may run one study in one storage. Each
-    takes its next trial with :meth:`claim`, which, under a lock that every process of the study
-    shares:
-
-    1. fails the trials whose heartbeat went stale (a killed worker's) and re-queues their
-       parameters, as Optuna's own optimize loop does;
-    2. counts the trials that use up the budget: running, complete or pruned. A failed trial (it
-       raised, or its worker was killed or interrupted) does not: its re-queued parameters run
-       first, since ``study.ask`` takes waiting trials before new proposals;
-    3. asks the study for a trial only while that count is below ``n_trials``, and while fewer than
-       ``n_trials`` trials failed with an error (a study whose every trial fails would never end).
-
-    ``study.ask`` marks the trial RUNNING, and the sampler stores its generation and proposal,
-    before the lock is released, so the next claimant counts it and never gets the same proposal.
-    Counting without a lock cannot be exact: two workers that both see ``n_trials - 1`` claimed
-    trials both ask; asking first and checking the storage-assigned count after either overshoots
-    or, when each also sees the other's new trial, makes both back off.
-
-    Once the budget is claimed, each worker calls :meth:`wait`: it returns when no trial of the
-    study runs any more, and claims again, since a trial that failed meanwhile freed its place; so
-    whichever worker ends last, the study then holds exactly ``n_trials`` complete or pruned trials.
-    A worker killed mid-trial leaves a RUNNING trial whose heartbeat goes stale after the grace
-    period; the next claim or wait fails it and re-queues its parameters. The first heartbeat is
-    recorded before the lock is released, so a RUNNING trial seen without one under the lock lost
-    its worker between ``ask`` and that heartbeat (a SIGKILL at that instant): it is given a
-    heartbeat then, and goes stale the same way.
-
-    The lock is a PostgreSQL session advisory lock (the server drops it if the process dies), an
-    ``flock`` on ``<database>.claims.lock`` for an SQLite file, and a lock inside this process for
-    anything else (only one process per study there: a warning says so). :meth:`locked` takes the
-    same lock for other once-per-study steps, such as enqueueing the seeds.
-    """
-
-    def __init__(self, storage: RDBStorage, study_name: str) -> None:
-        self._storage = storage
-        url = storage.engine.url
-        backend = url.get_backend_name()
-        if backend == "postgresql":
-            key = int.from_bytes(hashlib.sha256(f"longrope-hpo:{study_name}".encode()).digest()[:8], "big",
-                                 signed=True)
-            self._lock = partial(_advisory_lock, storage.engine, key)
-        elif backend == "sqlite" and url.database not in (None, "", ":memory:"):
-            self._lock = partial(_file_lock, Path(f"{url.database}.claims.lock"))
-        else:
-            if backend != "sqlite":
-                logger.warning("no cross-process lock for %s storages: run one process per study", backend)
-            self._lock = partial(_process_lock, threading.Lock())
-
-    def locked(self) -> AbstractContextManager[None]:
-        """The study-wide lock, as a context manager."""
-        return self._lock()
-
-    def claim(self, study: optuna.Study, distributions: dict[str, BaseDistribution],
-              n_trials: int, stop: StopRule | None = None) -> optuna.Trial | None:
-        """The next trial of ``study``, asked with ``distributions``; ``None`` once ``n_trials`` are claimed.
-
-        Also ``None`` once ``stop`` (:func:`hpo.early_stopping.stopper`) gives a reason to stop early:
-        the reason is then recorded in the study's ``early_stopped`` user attr and logged.
-        """
-        with self.locked(), warnings.catch_warnings():
-            # Optuna warns when heartbeats are used outside study.optimize; callers keep the heartbeat.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            self._fail_dead_trials(study)
-            if len(study.get_trials(deepcopy=False, states=BUDGET)) >= n_trials:
-                return None
-            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            errors = sum(ERROR_ATTR in t.user_attrs for t in failed)
-            if errors >= n_trials:
-                logger.error("%d trials of study %r failed with an error (see their 'error' attrs): no more trials",
-                             errors, study.study_name)
-                return None
-            if stop is not None and (reason := stop(study)) is not None:
-                record_stop(study, reason)
-                return None
-            trial = study.ask(distributions)
-            if is_heartbeat_enabled(self._storage):
-                self._storage.record_heartbeat(trial._trial_id)
-            return trial
-
-    def wait(self, study: optuna.Study, poll_s: float = 1.0) -> None:
-        """Return once no trial of ``study`` is running: other workers' have ended, dead workers' are failed."""
-        while True:
-            with self.locked():
-                self._fail_dead_trials(study)
-            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                return
-            time.sleep(poll_s)
-
-    def _fail_dead_trials(self, study: optuna.Study) -> None:
-        """Under the lock: heartbeat the RUNNING trials that have none, then fail (and re-queue) the stale ones."""
-        if not is_heartbeat_enabled(self._storage):
-            return
-        running = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-        if running:
-            beating = sqlalchemy.select(TrialHeartbeatModel.trial_id).where(TrialHeartbeatModel.trial_id.in_(running))
-            with self._storage.engine.connect() as connection:
-                orphans = set(running) - set(connection.execute(beating).scalars())
-            for trial_id in orphans:
-                self._storage.record_heartbeat(trial_id)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
 
 
 def open_claims(study: optuna.Study, storage: RDBStorage, space: LongRoPESearchSpace,
@@ -616,73 +338,35 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     goes on; a non-finite value fails the trial. Ctrl-C propagates (:func:`run_search` ends the
     trial with :func:`interrupt_trial`).
     """
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    value, state = None, None
+    with heartbeat_running(study, trial):
         try:
             value = objective(trial)
         except optuna.TrialPruned:
-            return study.tell(trial, state=TrialState.PRUNED)
+            state = TrialState.PRUNED
         except Exception as error:
             logger.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
-            return study.tell(trial, state=TrialState.FAIL)
-    with warnings.catch_warnings():
+            state = TrialState.FAIL
+    # held: a signal inside tell would cut its transaction short and lose a finished trial's result
+    with warnings.catch_warnings(), interrupts_held():
         warnings.simplefilter("ignore", UserWarning)  # Optuna's own note on a non-finite value: logged below
-        told = study.tell(trial, value)
-    if told.state == TrialState.FAIL:
+        told = study.tell(trial, value) if state is None else study.tell(trial, state=state)
+    if state is None and told.state == TrialState.FAIL:  # a non-finite value
         logger.warning("trial %d failed: %s", trial.number, told.user_attrs.get("error"))
     return told
 
 
-@contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block has ended, then deliver them to the handlers of the moment.
-
-    A claim asks the study for a trial (RUNNING from then on) and returns it; a signal in between would
-    leave a RUNNING trial that no one knows of, until its heartbeat goes stale. Held, it arrives once the
-    caller holds the trial and can end it as interrupted. Only the main thread receives signals.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    handlers = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        for signum in held:
-            signal.raise_signal(signum)
-
-
-def interrupt_trial(study: optuna.Study, trial: optuna.Trial) -> None:
-    """End a claimed trial that Ctrl-C or SIGTERM stopped: failed, marked ``interrupted``, and its
-    parameters re-queued at once (a killed worker's are re-queued only once its heartbeat is stale).
-    A trial that is no longer running is left as it is."""
-    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
-        return
-    study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
-    failed = study.tell(trial, state=TrialState.FAIL)
-    # Optuna's retry record (failed_trial, retry_history), with the sampler's attrs (generation, proposal);
-    # of the user attrs only the seed label: the others describe the interrupted run
-    history = [*failed.system_attrs.get("retry_history", []), failed.number]
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
-        user_attrs={key: value for key, value in failed.user_attrs.items() if key == "seed"},
-        system_attrs={**failed.system_attrs, "failed_trial": history[0], "retry_history": history}))
-    logger.info("trial %d interrupted: its parameters are queued to run first next time", trial.number)
-
-
 def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, space: LongRoPESearchSpace,
-               preset: StudyPreset, progress: bool = True) -> None:
+               preset: StudyPreset, progress: bool = True, stop_signals: StopSignals | None = None) -> None:
     """Run trials until the study holds ``preset.search.n_trials`` complete or pruned ones.
 
     Trials are claimed through :class:`TrialClaims`, so any number of processes may run this on one
     storage at the same time: together they finish exactly that many trials, and each returns once
     the study has them all (it waits for the others' last trials, then claims the places that
-    failed trials freed). Ctrl-C ends the running trial with :func:`interrupt_trial`. With ``[search]
-    early_stop_generations`` they stop claiming sooner, once the best value has stalled
-    (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
+    failed trials freed). Ctrl-C ends the running trial with :func:`interrupt_trial`; ``stop_signals``
+    (:class:`~hpo.records.StopSignals`) is checked before each claim, so a signal that Python dropped
+    still stops the run. With ``[search] early_stop_generations`` they stop claiming sooner, once the
+    best value has stalled (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
     """
     n_trials = preset.search.n_trials
     claims = open_claims(study, storage, space, workload.seeds(space))
@@ -695,11 +379,13 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
     trial = None
     try:
         while True:
-            with _interrupts_held():
+            if stop_signals is not None:
+                stop_signals.check()
+            with interrupts_held():
                 trial = claims.claim(study, distributions, n_trials, stop)
             if trial is None:
                 claims.wait(study)  # the others' last trials; a dead worker's fail and are re-queued
-                with _interrupts_held():
+                with interrupts_held():
                     trial = claims.claim(study, distributions, n_trials, stop)
                 if trial is None:
                     return

@@ -17,7 +17,7 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 
 from dashboards.figures import report_figures
 from dashboards.serve import is_loopback, publish, read_only
-from hpo.outputs import best_factors
+from hpo.records import best_factors
 from tests.conftest import run_tiny_study
 
 FIGURE_IDS = {"factor-curves", "convergence", "start-tokens"}

@@ -10,7 +10,8 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
-from hpo.early_stopping import GENERATION_KEY, STOPPED_ATTR, stop_reason
+from hpo.early_stopping import stop_reason
+from hpo.records import GENERATION_KEY, STOPPED_ATTR
 from hpo.run import main
 from studies import PresetError, list_presets, load_preset
 

@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from hpo.evaluate import RESULT_COLUMNS, ResultsError, read_results
+from hpo.records import RESULT_COLUMNS, ResultsError, read_results
 from tests.conftest import run_tiny_study
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -69,6 +71,36 @@ def test_ray_prunes_with_the_study_pruner(tmp_path):
     parents = {n for t in trials for n in t.system_attrs.get(PARENTS_KEY, [])}
     assert parents and not parents & {t.number for t in pruned}
     assert {t.user_attrs["model_loads"] for t in trials} == {1}
+
+
+def test_sigterm_on_ray_requeues_the_running_trials_and_a_rerun_keeps_the_budget(tmp_path, monkeypatch):
+    from hpo import ray_backend
+
+    told = {"n": 0}
+    real_on_trial_complete = ray_backend.StudySearcher.on_trial_complete
+
+    def then_sigterm(self, trial_id, result=None, error=False):
+        real_on_trial_complete(self, trial_id, result, error)
+        told["n"] += 1
+        if told["n"] == 3:  # another trial is running: Tune keeps 2 at a time on 2 CPUs
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ray_backend.StudySearcher, "on_trial_complete", then_sigterm)
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--backend", "ray", "--quiet"]) == 130
+    trials = load_study(tmp_path, "tiny").trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+    waiting = {t.system_attrs["failed_trial"]: t.params for t in trials if t.state == TrialState.WAITING}
+    assert waiting == {t.number: t.params for t in interrupted}  # re-queued at once, not after the grace period
+
+    monkeypatch.setattr(ray_backend.StudySearcher, "on_trial_complete", real_on_trial_complete)
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--backend", "ray", "--quiet"]) == 0
+    trials = load_study(tmp_path, "tiny").trials
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 16
+    for trial in interrupted:  # their parameters ran again, to the end
+        retried = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert [t.state for t in retried] == [TrialState.COMPLETE] and retried[0].params == trial.params
 
 
 def test_unreachable_ray_address_is_a_clear_error(tmp_path):

@@ -24,8 +24,7 @@ from dashboards.figures import (
     start_tokens_effect,
     trial_generation,
 )
-from hpo.evaluate import EvaluationRow, read_results, write_results
-from hpo.outputs import recorded_search_space
+from hpo.records import EvaluationRow, read_results, recorded_search_space, write_results
 
 ERROR = "RuntimeError: out of memory"
 PPL = {"none": {128: 20.0, 256: 60.0}, "yarn": {128: 20.5, 256: 25.0}, "longrope:tiny": {128: 20.4, 256: 24.0}}

@@ -15,6 +15,7 @@ import optuna
 import pytest
 import torch
 
+from hpo import records
 from hpo import run as run_module
 from hpo import study as study_module
 from hpo.cli import DTYPE_CHOICES
@@ -95,10 +96,10 @@ def test_sigkill_mid_run_loses_no_completed_trial_and_generations_continue(tmp_p
 
 
 def test_stale_running_trial_is_failed_and_retried(tmp_path, monkeypatch):
-    monkeypatch.setattr(study_module, "HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr(study_module, "GRACE_PERIOD_S", 2)
+    monkeypatch.setattr(records, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(records, "GRACE_PERIOD_S", 2)
     assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]) == 0
-    storage = study_module.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    storage = records.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     study = optuna.load_study(study_name="tiny", storage=storage)
     # a trial left RUNNING by a killed process: it has drawn a parameter, then its heartbeat stopped
     with pytest.warns(UserWarning, match="Heartbeat"):
@@ -332,7 +333,7 @@ def test_a_new_study_never_overwrites_outputs_it_did_not_write(tmp_path, capsys)
 
 def test_a_signal_while_a_trial_is_claimed_still_ends_that_trial(tmp_path, monkeypatch, capsys):
     """SIGTERM between asking the study for a trial and handing it over used to leave it RUNNING."""
-    real_claim = study_module.TrialClaims.claim
+    real_claim = records.TrialClaims.claim
 
     def claim_then_sigterm(self, *args, **kwargs):
         trial = real_claim(self, *args, **kwargs)
@@ -340,7 +341,7 @@ def test_a_signal_while_a_trial_is_claimed_still_ends_that_trial(tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the claim, after study.ask
         return trial
 
-    monkeypatch.setattr(study_module.TrialClaims, "claim", claim_then_sigterm)
+    monkeypatch.setattr(records.TrialClaims, "claim", claim_then_sigterm)
     assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]) == 130
     trials = load_study(tmp_path).trials
     assert not [t for t in trials if t.state.name == "RUNNING"]

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hpo.sampler import PARENTS_KEY, ROLE_KEY, SEEDS_KEY, LongRoPESampler, crossover, enqueue_seeds, mutate
+from hpo.records import GENERATION_KEY, SEEDS_KEY
+from hpo.sampler import PARENTS_KEY, ROLE_KEY, LongRoPESampler, crossover, enqueue_seeds, mutate
 from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
 from models.baselines import longrope_attention_scaling
 from models.rope import RopeFactors, RopeGeometry
@@ -34,7 +35,6 @@ SPACE = LongRoPESearchSpace(
     attention_scaling_range=(1.0, 1.3),
 )
 TARGET = np.array([1.0, 1.2, 1.5, 2.2, 3.0, 3.5, 4.2, 4.6])
-GENERATION_KEY = "LongRoPESampler:generation"
 
 
 def objective(trial: optuna.Trial, space: LongRoPESearchSpace = SPACE) -> float:
@@ -410,3 +410,7 @@ def test_the_sweep_rule_needs_start_token_candidates() -> None:
     with pytest.raises(ValueError, match="several start token candidates"):
         LongRoPESampler(LongRoPESearchSpace(num_factors=8, original_length=1000, target_length=4000,
                                             start_token_candidates=(0,)), start_token_search="sweep")
+
+
+def test_the_generation_key_readers_use_is_the_samplers():
+    assert LongRoPESampler._get_generation_key() == GENERATION_KEY

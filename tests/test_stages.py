@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hpo.finetune import main as finetune_main
-from hpo.outputs import study_factors
+from hpo.records import study_factors
 from hpo.study import load_workload
 from models.baselines import linear_interpolation, yarn
 from models.loading import load_model

@@ -12,9 +12,10 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from hpo import study as study_module
+from hpo import records
+from hpo.records import StorageError, TrialClaims, open_storage
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
-from hpo.study import StorageError, TrialClaims, load_workload, open_storage, open_study, search_space_for
+from hpo.study import load_workload, open_study, search_space_for
 from studies import PRESET_DIR, load_preset
 
 GENERATION_KEY = LongRoPESampler._get_generation_key()
@@ -76,8 +77,8 @@ def test_a_claim_counts_running_trials(tmp_path):
 
 
 def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_requeued(tmp_path, monkeypatch):
-    monkeypatch.setattr(study_module, "HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr(study_module, "GRACE_PERIOD_S", 1)
+    monkeypatch.setattr(records, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(records, "GRACE_PERIOD_S", 1)
     preset = load_preset("tiny")
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     workload = load_workload(preset)
