@@ -233,7 +233,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, attn: str) -> tuple[PreTrainedMod
     except (struct.error, ValueError, EOFError) as error:
         # what the GGUF reader raises where a file ends early (a truncated download or copy) or holds garbage
         raise ModelLoadError(f"cannot read {path} ({path.stat().st_size:,} bytes; truncated or corrupt?): "
-                             f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+                             f"{' '.join(str(error).split())}") from None
     model.config.quantization_config = None  # the weights are plain tensors now
     return model, tokenizer
 
