@@ -21,6 +21,7 @@ with the same parameter names and ranges as :class:`~hpo.search_space.LongRoPESe
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,12 +72,11 @@ def curve_factors(shares: Sequence[float], num_factors: int, max_factor: float) 
     positions = knot_positions(num_factors, len(shares))
     logs = [height * math.log(max_factor) for height in cumulative_shares(shares)]
     factors: list[float] = []
-    for k in range(len(positions) - 1):
+    for pair in range(num_factors):
+        k = min(bisect.bisect_right(positions, pair), len(positions) - 1) - 1  # the knots at k, k + 1 enclose pair
         start, end = positions[k], positions[k + 1]
-        for pair in range(start, end + (k == len(positions) - 2)):
-            value = logs[k] + (pair - start) / (end - start) * (logs[k + 1] - logs[k])
-            factor = min(max(math.exp(value), MIN_RESCALE_FACTOR, factors[-1] if factors else 0.0), max_factor)
-            factors.append(factor)
+        value = logs[k] + (pair - start) / (end - start) * (logs[k + 1] - logs[k])
+        factors.append(min(max(math.exp(value), MIN_RESCALE_FACTOR, factors[-1] if factors else 0.0), max_factor))
     return tuple(factors)
 
 

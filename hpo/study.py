@@ -287,6 +287,9 @@ def sampler_for(preset: StudyPreset, space: RopeSearchSpace) -> optuna.samplers.
     """The preset's ``[search] sampler`` over ``space`` (:func:`search_space_for` made for that sampler)."""
     search = preset.search
     if search.sampler in CURVE_SAMPLERS:
+        if search.start_token_search == "sweep":
+            logger.warning("sampler %r draws n_hat as a parameter: start_token_search = 'sweep' (the longrope "
+                           "sampler's rule) is ignored", search.sampler)
         return TrialSeededSampler(CURVE_SAMPLERS[search.sampler], search.seed)
     assert isinstance(space, LongRoPESearchSpace)
     return LongRoPESampler(space, population_size=search.population, num_parents=search.parents,

@@ -237,17 +237,10 @@ def _checked(preset: StudyPreset) -> StudyPreset:
         problems.append(f"search.length_scale must be a number > 1, got {search.length_scale!r}")
     if search.sampler not in SAMPLERS:
         problems.append(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {search.sampler!r}")
-    elif search.sampler != "longrope":
-        # what only the evolutionary sampler (and its per-pair space) has: an error, not a silently ignored setting
-        if search.critical_dim != 0:
-            problems.append(f"search.critical_dim (LongRoPE2) needs sampler = 'longrope'; {search.sampler!r} "
-                            f"searches monotone curves over every pair")
-        if search.early_stop_generations is not None:
-            problems.append(f"search.early_stop_generations counts the longrope sampler's generations; "
-                            f"{search.sampler!r} has none: remove it")
-        if search.start_token_search != "gene":
-            problems.append(f"search.start_token_search = {search.start_token_search!r} is the longrope sampler's "
-                            f"rule; {search.sampler!r} samples n_hat as a parameter")
+    elif search.sampler != "longrope" and search.critical_dim != 0:
+        # LongRoPE2's space is per pair (the curves span every pair): an error, not a silently ignored setting
+        problems.append(f"search.critical_dim (LongRoPE2) needs sampler = 'longrope'; {search.sampler!r} "
+                        f"searches monotone curves over every pair")
     knots = search.curve_knots
     if not isinstance(knots, int) or isinstance(knots, bool) or knots < 2:
         problems.append(f"search.curve_knots must be an integer >= 2, got {knots!r}")

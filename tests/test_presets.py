@@ -102,11 +102,7 @@ def write(tmp_path, text: str):
         ("target_length = 100\n[search]\nyarn_beta_fast = 0\n", "yarn_beta_fast and search.yarn_beta_slow"),
         ("name = '../../elsewhere'\ntarget_length = 100\n", "name must be letters"),
         ("target_length = 100\n[search]\nsampler = 'bayes'\n", "sampler must be one of longrope, tpe, cmaes, gp"),
-        ("target_length = 100\n[search]\nsampler = 'tpe'\nearly_stop_generations = 5\n",
-         "early_stop_generations counts the longrope sampler's generations; 'tpe' has none"),
         ("target_length = 100\n[search]\nsampler = 'gp'\ncritical_dim = 'auto'\n", "critical_dim .LongRoPE2. needs"),
-        ("target_length = 100\n[search]\nsampler = 'cmaes'\nstart_tokens = [0, 4]\nstart_token_search = 'sweep'\n",
-         "start_token_search = 'sweep' is the longrope sampler's rule"),
         ("target_length = 100\n[search]\ncurve_knots = 1\n", "curve_knots must be an integer >= 2"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -20,12 +21,14 @@ from hpo.curve_space import (
     knot_param_name,
     knot_positions,
 )
+from hpo.early_stopping import stopper
 from hpo.records import search_space_from_record
 from hpo.run import main
 from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
-from hpo.study import CURVE_SAMPLERS, TrialSeededSampler
+from hpo.study import CURVE_SAMPLERS, TrialSeededSampler, sampler_for
 from models.baselines import linear_interpolation, ntk_aware
 from models.rope import RopeFactors, RopeGeometry
+from studies import PresetError, load_preset
 
 GEOMETRY = RopeGeometry(rotary_dim=16, base=10000.0, original_length=1000)
 SPACE = MonotoneCurveSpace(num_factors=8, original_length=1000, target_length=4000, start_token_candidates=(0, 2, 4),
@@ -135,6 +138,19 @@ def test_a_seed_repeats_a_run_and_processes_sharing_a_study_draw_apart(sampler) 
     for number in range(12):
         (shared if number % 2 else other).optimize(synthetic_value, n_trials=1)
     assert len({tuple(sorted(t.params.items())) for t in shared.trials}) == 12
+
+
+def test_the_longrope_samplers_own_rules_are_off_with_a_warning_for_the_others(caplog) -> None:
+    preset = load_preset("llama2_16k").replace(search__sampler="tpe")  # a paper preset: early stop, n_hat sweep
+    assert preset.search.early_stop_generations == 20 and preset.search.start_token_search == "sweep"
+    with caplog.at_level(logging.WARNING):
+        assert stopper(preset.search) is None
+        assert isinstance(sampler_for(preset, SPACE), TrialSeededSampler)
+    assert "early_stop_generations is ignored" in caplog.text and "'sweep' (the longrope sampler's rule) is ignored" \
+        in caplog.text
+    assert stopper(load_preset("llama2_16k").search) is not None
+    with pytest.raises(PresetError, match="critical_dim .LongRoPE2. needs sampler = 'longrope'"):
+        load_preset("llama3_128k").replace(search__sampler="gp")
 
 
 # ---------------------------------------------------------------------------------------------------------------
