@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -13,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
+from dashboards.report import main as report_main
 from hpo.curve_space import (
     MonotoneCurveSpace,
     cumulative_shares,
@@ -22,6 +24,7 @@ from hpo.curve_space import (
     knot_positions,
 )
 from hpo.early_stopping import stopper
+from hpo.export import main as export_main
 from hpo.records import search_space_from_record
 from hpo.run import main
 from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
@@ -197,6 +200,11 @@ def test_a_study_cannot_be_resumed_in_the_other_space(tmp_path, capsys) -> None:
     # a sampler of the same space continues it
     assert main(["--study", "tiny", "--sampler", "cmaes", "--out", str(tmp_path), "--n-trials", "6", "--quiet"]) == 0
     assert len(load_study(tmp_path).trials) == 6
+    # the readers take the curve space from the records: export and report work unchanged
+    assert export_main(["--study", "tiny", "--out", str(tmp_path), "--to", str(tmp_path / "model")]) == 0
+    exported = json.loads((tmp_path / "model" / "config.json").read_text())["rope_parameters"]
+    assert exported["long_factor"] == list(RopeFactors.load(tmp_path / "best_factors.json").rescale_factors)
+    assert report_main(["--study", "tiny", "--out", str(tmp_path), "--html", str(tmp_path / "report.html")]) == 0
 
 
 def test_tpe_prunes_with_the_parent_pruner(tmp_path) -> None:
