@@ -93,9 +93,15 @@ def stopper(search: SearchSpec, sampler: optuna.samplers.BaseSampler | None = No
     """The preset's rule as a ``study -> reason`` callable; ``None`` when early stopping is off.
 
     ``sampler`` (the study's) gives the generation sizes when it is a
-    :class:`~hpo.sampler.LongRoPESampler` (see :func:`stop_reason`).
+    :class:`~hpo.sampler.LongRoPESampler` (see :func:`stop_reason`). The rule counts that sampler's
+    generations: with another ``[search] sampler`` (TPE, CMA-ES, GP have none) it is off, and a warning
+    says so, so that ``--sampler`` works on presets that stop early.
     """
     if search.early_stop_generations is None:
+        return None
+    if search.sampler != "longrope":
+        logger.warning("early stopping counts the longrope sampler's generations; sampler %r has none: "
+                       "early_stop_generations is ignored, the search runs n_trials", search.sampler)
         return None
     size = sampler.generation_size if isinstance(sampler, LongRoPESampler) else None
     return partial(stop_reason, delta=search.early_stop_delta, generations=search.early_stop_generations,

@@ -4,9 +4,10 @@ Only the middle step of :mod:`hpo.study`'s flow changes: the study, its storage,
 pruner, claims and reports are the local backend's, and Ray Tune decides where each trial runs.
 
 - :class:`StudySearcher` is Ray's ``OptunaSearch`` on the study's own storage, name and
-  :class:`~hpo.sampler.LongRoPESampler`. It claims every trial through
-  :class:`~hpo.records.TrialClaims` (so the budget stays exact with other processes on the same
-  study), keeps its heartbeat in the driver and records the result as the local objective does.
+  sampler (:class:`~hpo.sampler.LongRoPESampler`, or TPE, CMA-ES or GP: ``[search] sampler``). It
+  claims every trial through :class:`~hpo.records.TrialClaims` (so the budget stays exact with other
+  processes on the same study), keeps its heartbeat in the driver and records the result as the
+  local objective does.
 - :class:`StudyScheduler` reports each fidelity step to the study and stops the Tune trial when
   the study's :class:`~hpo.pruning.ParentPruner` prunes it: the local backend's decisions, in
   place of ASHA, whose rungs compare the trials of one Tune run only and forget them on resume.
@@ -44,7 +45,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from hpo.early_stopping import StopRule, forget_stale_stop, stopper
 from hpo.records import ERROR_ATTR, StopSignals, TrialClaims, interrupt_trial, interrupts_held, worker_name
-from hpo.search_space import LongRoPESearchSpace
+from hpo.search_space import RopeSearchSpace
 from hpo.study import BackendError, TrialProgress, Workload, load_workload, open_claims, search_space_for
 from studies import StudyPreset
 
@@ -188,7 +189,7 @@ class StudySearcher(OptunaSearch):
         stop: the early-stopping rule (:func:`hpo.early_stopping.stopper`); ``None``: off.
     """
 
-    def __init__(self, study: optuna.Study, storage: RDBStorage, claims: TrialClaims, space: LongRoPESearchSpace,
+    def __init__(self, study: optuna.Study, storage: RDBStorage, claims: TrialClaims, space: RopeSearchSpace,
                  n_trials: int, on_told: Callable[[optuna.Study, FrozenTrial], None],
                  stop: StopRule | None = None) -> None:
         super().__init__(space=space.distributions(), metric=METRIC, mode="min", sampler=study.sampler,
@@ -278,7 +279,7 @@ class StudyScheduler(FIFOScheduler):
         return TrialScheduler.STOP if self._searcher.report(trial.trial_id, result) else TrialScheduler.CONTINUE
 
 
-def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload, space: LongRoPESearchSpace,
+def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload, space: RopeSearchSpace,
                    preset: StudyPreset, options: RayOptions, out_dir: Path, progress: bool = True,
                    stop_signals: StopSignals | None = None) -> None:
     """:func:`hpo.study.run_search` with Ray Tune placing the trials; call :func:`connect` first.

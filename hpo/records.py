@@ -49,7 +49,8 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.storages._rdb.models import TrialHeartbeatModel
 from optuna.trial import TrialState
 
-from hpo.search_space import LongRoPESearchSpace
+from hpo.curve_space import MonotoneCurveSpace
+from hpo.search_space import LongRoPESearchSpace, RopeSearchSpace
 from models.rope import RopeFactors, chain_factors
 
 if TYPE_CHECKING:  # presets sit above the records: only their shape is used here
@@ -81,6 +82,11 @@ ERROR_ATTR = "error"  # trial user attr: it raised, or gave a non-finite value
 
 EVALUATED = (TrialState.COMPLETE, TrialState.PRUNED)
 BUDGET = (TrialState.RUNNING, *EVALUATED)  # what --n-trials counts: a failed trial is re-run, not spent
+
+# Search space classes by the ``kind`` of their record; a record without one is from before there were several.
+SEARCH_SPACE_KINDS: dict[str, type[RopeSearchSpace]] = {
+    space.kind: space for space in (LongRoPESearchSpace, MonotoneCurveSpace)}
+DEFAULT_SEARCH_SPACE_KIND = LongRoPESearchSpace.kind
 
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30
@@ -283,14 +289,15 @@ def _refuse_other_settings(name: str, what: str, recorded: dict[str, Any], curre
                              f"continue, or another --out/--storage for a new study")
 
 
-def record_study(study: optuna.Study, preset_name: str, space: LongRoPESearchSpace, workload: dict[str, Any],
+def record_study(study: optuna.Study, preset_name: str, space: RopeSearchSpace, workload: dict[str, Any],
                  stage: Stage | None) -> None:
     """Record what a new study is run on, or check that a resumed one is run on the same.
 
     ``workload`` holds everything a trial's value depends on besides its factors (model and revision,
     dtype, lengths, data and windows, fitness). Continuing under another space, workload or earlier
     stage is a :class:`StudyError` that names the first setting that differs: the new trials' values
-    would be ranked with values of another measurement.
+    would be ranked with values of another measurement. Another kind of space (the evolutionary sampler's
+    per-pair factors, or the monotone curves of Optuna's samplers) differs first in ``kind``.
     """
     if study.user_attrs.get(SEARCH_SPACE_ATTR) is None:
         study.set_user_attr(SEARCH_SPACE_ATTR, space.to_record())
@@ -302,7 +309,7 @@ def record_study(study: optuna.Study, preset_name: str, space: LongRoPESearchSpa
         logger.info("study %r has no recorded settings: recording the current ones", study.study_name)
         study.set_user_attr(WORKLOAD_ATTR, workload)
     _refuse_other_settings(study.study_name, "", study.user_attrs[WORKLOAD_ATTR], workload)
-    recorded_space = LongRoPESearchSpace.from_record(study.user_attrs[SEARCH_SPACE_ATTR]).to_record()
+    recorded_space = search_space_from_record(study.user_attrs[SEARCH_SPACE_ATTR]).to_record()
     _refuse_other_settings(study.study_name, "search space ", recorded_space, space.to_record())
     if study.user_attrs.get(STAGE_ATTR) != (stage.to_record() if stage else None):
         raise StudyError(f"study {study.study_name!r} in this storage was built on other earlier factors than "
@@ -310,12 +317,22 @@ def record_study(study: optuna.Study, preset_name: str, space: LongRoPESearchSpa
                          f"a new study")
 
 
-def recorded_search_space(study: optuna.Study) -> LongRoPESearchSpace:
-    """The search space :func:`record_study` recorded."""
+def search_space_from_record(record: dict[str, Any]) -> RopeSearchSpace:
+    """The space a record describes, read by the class its ``kind`` names (:data:`SEARCH_SPACE_KINDS`;
+    :data:`DEFAULT_SEARCH_SPACE_KIND` without one); an unknown kind is a :class:`StudyError`."""
+    kind = record.get("kind", DEFAULT_SEARCH_SPACE_KIND)
+    if kind not in SEARCH_SPACE_KINDS:
+        raise StudyError(f"search space of kind {kind!r} is unknown to this version; known: "
+                         f"{', '.join(SEARCH_SPACE_KINDS)}")
+    return SEARCH_SPACE_KINDS[kind].from_record(record)
+
+
+def recorded_search_space(study: optuna.Study) -> RopeSearchSpace:
+    """The search space :func:`record_study` recorded, of whichever kind."""
     record = study.user_attrs.get(SEARCH_SPACE_ATTR)
     if record is None:
         raise StudyError(f"study {study.study_name!r} has no recorded search space: not made by python -m hpo.run?")
-    return LongRoPESearchSpace.from_record(record)
+    return search_space_from_record(record)
 
 
 def study_stage(study: optuna.Study) -> Stage | None:

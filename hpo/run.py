@@ -7,7 +7,9 @@ holds ``study.db`` (unless ``--storage`` names another), ``best_factors.json``,
 
 Several processes given the same ``--storage`` and study share its trials and
 together finish exactly ``--n-trials``. ``--backend ray`` runs the trials on Ray
-Tune (a local instance, or the cluster at ``--ray-address``).
+Tune (a local instance, or the cluster at ``--ray-address``). ``--sampler`` picks
+the preset's ``[search] sampler``: LongRoPE's evolutionary search, or Optuna's
+TPE, CMA-ES or GP over a family of monotone factor curves.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from models.assets import AssetError
 from models.loading import ModelLoadError
 from models.rope import FactorError
 from objectives.data import DataError
-from studies import PresetError, StudyPreset, list_presets, load_preset
+from studies import SAMPLERS, PresetError, StudyPreset, list_presets, load_preset
 
 logger = logging.getLogger("hpo.run")
 RAY_OPTIONS = ("address", "cpus_per_trial", "gpus_per_trial", "max_concurrent")  # hpo.ray_backend.RayOptions fields
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="override the device: auto, cpu, cuda, cuda:N")
     add_dtype_argument(parser, None, "override the preset's [model] dtype")
     parser.add_argument("--seed", type=positive(int, allow_zero=True), help="override the search seed")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="override the preset's [search] sampler: longrope (evolutionary, every pair's factor) "
+                             "or Optuna's tpe, cmaes, gp over monotone factor curves")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the final table")
     parser.add_argument("--no-pruning", action="store_true",
                         help="measure every trial on every window (the preset's [search] pruning is ignored)")
@@ -110,8 +115,9 @@ def print_presets() -> None:
 
 def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPreset:
     return preset.replace(target_length=args.target_length, storage=args.storage, search__n_trials=args.n_trials,
-                          search__seed=args.seed, data__samples=args.samples, model__device=args.device,
-                          model__dtype=checked_dtype(args.dtype), search__pruning=False if args.no_pruning else None)
+                          search__seed=args.seed, search__sampler=args.sampler, data__samples=args.samples,
+                          model__device=args.device, model__dtype=checked_dtype(args.dtype),
+                          search__pruning=False if args.no_pruning else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,13 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.records import SEEDS_KEY
-from hpo.search_space import ATTENTION_SCALING_PARAM, CRITICAL_DIM_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
+from hpo.search_space import (
+    ATTENTION_SCALING_PARAM,
+    CRITICAL_DIM_PARAM,
+    START_TOKENS_PARAM,
+    LongRoPESearchSpace,
+    RopeSearchSpace,
+)
 from models.rope import RopeFactors
 
 # Study and trial system attributes. The generation and parent-cache keys come from
@@ -125,10 +131,10 @@ def crossover(
     return child
 
 
-def enqueue_seeds(study: optuna.Study, search_space: LongRoPESearchSpace, seeds: Sequence[RopeFactors]) -> int:
+def enqueue_seeds(study: optuna.Study, search_space: RopeSearchSpace, seeds: Sequence[RopeFactors]) -> int:
     """Enqueue ``seeds`` (usually ``search_space.seeds(geometry)``) as the first trials, once per study.
 
-    Each seed is projected into the space with :meth:`LongRoPESearchSpace.to_params` and tagged
+    Works for any sampler. Each seed is projected into the space with its ``to_params`` and tagged
     with the user attr ``seed`` (its method name). The projected seeds are recorded in the study
     system attr :data:`SEEDS_KEY`; a study that has it is left alone, so calling this again on a
     resumed study enqueues nothing. A seed that projects onto the parameters of an earlier seed, or

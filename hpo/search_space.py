@@ -4,7 +4,9 @@ One trial's parameters are the searched rescale factors (``factor_DD``, DD the
 rotary pair index, zero-padded to two digits), optionally ``start_tokens``
 (n_hat) and optionally ``attention_scaling``. :class:`LongRoPESearchSpace`
 maps those parameters to a full :class:`~models.rope.RopeFactors` and back, and
-lists the baselines that seed generation 0.
+lists the baselines that seed generation 0. :class:`RopeSearchSpace` is what the runner and the
+readers need of any space: this one, which the evolutionary sampler searches, and
+:class:`hpo.curve_space.MonotoneCurveSpace`, which Optuna's own samplers search.
 
 In LongRoPE2 mode (``critical_dim > 0``) only the pairs at and above the
 critical dim ``d_c`` are parameters; the pairs below are derived NTK-like as
@@ -21,10 +23,11 @@ a parameter, its factors between the lowest critical dim and its own are derived
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
@@ -58,8 +61,169 @@ def factor_param_name(dim: int) -> str:
     return f"factor_{dim:02d}"
 
 
+class RopeSearchSpace(ABC):
+    """What the runner and the readers need of a search space, whatever samples it.
+
+    A space names one trial's Optuna parameters (:meth:`distributions`), maps them to a full
+    :class:`~models.rope.RopeFactors` (:meth:`to_factors`), projects any factor set into itself
+    (:meth:`to_params`: how the baselines of :meth:`seeds` become the first trials) and describes
+    itself as a JSON-able record that :meth:`from_record` reads back; the record's ``kind`` (the
+    class's :attr:`kind`) tells :func:`hpo.records.recorded_search_space` which class to read it with.
+
+    Subclasses are frozen dataclasses with the fields declared below. The start tokens (n_hat) and the
+    attention scaling are shared: parameters :data:`START_TOKENS_PARAM` and :data:`ATTENTION_SCALING_PARAM`,
+    searched when there are several candidates and when a range is given, else fixed (to the first
+    candidate and to LongRoPE's default scaling).
+    """
+
+    kind: ClassVar[str]
+    num_factors: int
+    original_length: int
+    target_length: int
+    start_token_candidates: tuple[int, ...]
+    attention_scaling_range: tuple[float, float] | None
+    yarn_beta_fast: float
+    yarn_beta_slow: float
+
+    @abstractmethod
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """One Optuna distribution per parameter."""
+
+    @abstractmethod
+    def to_factors(self, params: Mapping[str, Any]) -> RopeFactors:
+        """The full factor set that ``params`` stand for; ``ValueError`` on a missing parameter."""
+
+    @abstractmethod
+    def to_params(self, factors: RopeFactors) -> dict[str, Any]:
+        """Parameters of this space closest to ``factors`` (always inside the distributions)."""
+
+    @abstractmethod
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able description of the space, ``kind`` included, as stored in a study's user attrs."""
+
+    @classmethod
+    @abstractmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        """The space that :meth:`to_record` described."""
+
+    @abstractmethod
+    def seeds(self, geometry: RopeGeometry) -> list[RopeFactors]:
+        """The baselines that open the search (enqueued through :meth:`to_params`)."""
+
+    def _normalize_extras(self) -> None:
+        """In ``__post_init__``: the n_hat candidates as ints, the scaling range as floats."""
+        object.__setattr__(self, "start_token_candidates", tuple(int(c) for c in self.start_token_candidates))
+        if self.attention_scaling_range is not None:
+            low, high = self.attention_scaling_range
+            object.__setattr__(self, "attention_scaling_range", (float(low), float(high)))
+
+    def _validate_extras(self) -> None:
+        if self.num_factors < 1:
+            raise ValueError(f"num_factors must be >= 1, got {self.num_factors}")
+        if self.original_length <= 0 or self.target_length <= 0:
+            raise ValueError("original_length and target_length must be positive")
+        candidates = self.start_token_candidates
+        if not candidates or min(candidates) < 0 or len(set(candidates)) != len(candidates):
+            raise ValueError(f"start_token_candidates must be distinct integers >= 0, got {candidates}")
+        if self.attention_scaling_range is not None:
+            low, high = self.attention_scaling_range
+            if not 0 < low < high:
+                raise ValueError(f"attention_scaling_range must satisfy 0 < low < high, got {(low, high)}")
+
+    @property
+    def scale(self) -> float:
+        """``s = target / original``, never below 1 (as :func:`models.baselines.length_scale`)."""
+        return max(1.0, self.target_length / self.original_length)
+
+    @property
+    def searches_start_tokens(self) -> bool:
+        return len(self.start_token_candidates) > 1
+
+    @property
+    def searches_attention_scaling(self) -> bool:
+        return self.attention_scaling_range is not None
+
+    @property
+    def default_attention_scaling(self) -> float:
+        """The attention scaling used when it is not searched: LongRoPE's default."""
+        return longrope_attention_scaling(self.scale, self.original_length)
+
+    def _extra_distributions(self) -> dict[str, BaseDistribution]:
+        """The distributions of n_hat and the attention scaling, where searched."""
+        space: dict[str, BaseDistribution] = {}
+        if self.searches_start_tokens:
+            space[START_TOKENS_PARAM] = CategoricalDistribution(self.start_token_candidates)
+        if self.attention_scaling_range is not None:
+            space[ATTENTION_SCALING_PARAM] = FloatDistribution(*self.attention_scaling_range)
+        return space
+
+    def _extra_params(self, factors: RopeFactors) -> dict[str, Any]:
+        """``factors``' n_hat at the nearest candidate and its scaling clamped into the range, where searched."""
+        params: dict[str, Any] = {}
+        if self.searches_start_tokens:
+            params[START_TOKENS_PARAM] = min(
+                self.start_token_candidates, key=lambda c: (abs(c - factors.start_tokens), c)
+            )
+        if self.attention_scaling_range is not None:
+            low, high = self.attention_scaling_range
+            params[ATTENTION_SCALING_PARAM] = min(max(factors.attention_scaling, low), high)
+        return params
+
+    def _factors(self, rescale_factors: Sequence[float], params: Mapping[str, Any],
+                 metadata: dict[str, Any] | None = None) -> RopeFactors:
+        """A full factor set of this space: ``rescale_factors`` with the n_hat and scaling of ``params``."""
+        return RopeFactors(
+            rescale_factors=tuple(rescale_factors),
+            original_length=self.original_length,
+            target_length=self.target_length,
+            start_tokens=int(params.get(START_TOKENS_PARAM, self.start_token_candidates[0])),
+            attention_scaling=float(params.get(ATTENTION_SCALING_PARAM, self.default_attention_scaling)),
+            method="longrope",
+            metadata=metadata or {},
+        )
+
+    def _check_geometry(self, geometry: RopeGeometry) -> None:
+        if geometry.num_factors != self.num_factors or geometry.original_length != self.original_length:
+            raise ValueError(
+                f"geometry has {geometry.num_factors} factors and window {geometry.original_length}; "
+                f"the search space has {self.num_factors} and {self.original_length}"
+            )
+
+    def baseline_seeds(self, geometry: RopeGeometry) -> list[RopeFactors]:
+        """PI, NTK-aware, YaRN (inverse frequencies blended, as YaRN defines it) and YaRN with factors
+        blended linearly (the reference's seed), both with this space's betas."""
+        self._check_geometry(geometry)
+        betas = {"beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow}
+        return [
+            linear_interpolation(geometry, self.target_length),
+            ntk_aware(geometry, self.target_length),
+            yarn(geometry, self.target_length, **betas),
+            yarn(geometry, self.target_length, **betas, blend="factor"),
+        ]
+
+    def suggest(self, trial: optuna.Trial) -> RopeFactors:
+        """Ask ``trial`` for every parameter of this space and return the full factor set."""
+        params: dict[str, Any] = {}
+        for name, distribution in self.distributions().items():
+            if isinstance(distribution, CategoricalDistribution):
+                params[name] = trial.suggest_categorical(name, distribution.choices)
+            else:
+                assert isinstance(distribution, FloatDistribution)
+                params[name] = trial.suggest_float(name, distribution.low, distribution.high)
+        return self.to_factors(params)
+
+    def has_all_params(self, params: Mapping[str, Any]) -> bool:
+        """Whether ``params`` holds every parameter of this space (extra keys are allowed)."""
+        return all(name in params for name in self.distributions())
+
+    def _check_params(self, params: Mapping[str, Any]) -> None:
+        missing = [name for name in self.distributions() if name not in params]
+        if missing:
+            raise ValueError(f"params lack {', '.join(missing)}")
+
+
 @dataclass(frozen=True)
-class LongRoPESearchSpace:
+class LongRoPESearchSpace(RopeSearchSpace):
     """The LongRoPE search space for one model geometry and one target length.
 
     Args:
@@ -101,6 +265,8 @@ class LongRoPESearchSpace:
     yarn_beta_slow: float = 1.0
     critical_dims: tuple[int, ...] = ()
 
+    kind: ClassVar[str] = "longrope"
+
     def __post_init__(self) -> None:
         swept = tuple(sorted({int(c) for c in self.critical_dims} or {self.critical_dim}))
         object.__setattr__(self, "critical_dims", swept)
@@ -111,17 +277,11 @@ class LongRoPESearchSpace:
             object.__setattr__(self, "max_factor", 2 * self.scale if self.longrope2 else self.scale + 1.0)
         object.__setattr__(self, "min_factor", float(self.min_factor))
         object.__setattr__(self, "max_factor", float(self.max_factor))
-        object.__setattr__(self, "start_token_candidates", tuple(int(c) for c in self.start_token_candidates))
-        if self.attention_scaling_range is not None:
-            low, high = self.attention_scaling_range
-            object.__setattr__(self, "attention_scaling_range", (float(low), float(high)))
+        self._normalize_extras()
         self._validate()
 
     def _validate(self) -> None:
-        if self.num_factors < 1:
-            raise ValueError(f"num_factors must be >= 1, got {self.num_factors}")
-        if self.original_length <= 0 or self.target_length <= 0:
-            raise ValueError("original_length and target_length must be positive")
+        self._validate_extras()
         if not MIN_RESCALE_FACTOR <= self.lower < self.upper:
             raise ValueError(
                 f"need {MIN_RESCALE_FACTOR} <= min_factor < max_factor, got {self.lower} and {self.upper}"
@@ -131,22 +291,10 @@ class LongRoPESearchSpace:
         if self.longrope2 and self.lower + (len(self.factor_names) - 1) * self.step > self.upper + 1e-9:
             raise ValueError(f"{len(self.factor_names)} strictly increasing factors on a {self.step} grid do not fit "
                              f"in [{self.lower}, {self.upper}]: raise the upper bound (length_scale)")
-        candidates = self.start_token_candidates
-        if not candidates or min(candidates) < 0 or len(set(candidates)) != len(candidates):
-            raise ValueError(f"start_token_candidates must be distinct integers >= 0, got {candidates}")
-        if self.attention_scaling_range is not None:
-            low, high = self.attention_scaling_range
-            if not 0 < low < high:
-                raise ValueError(f"attention_scaling_range must satisfy 0 < low < high, got {(low, high)}")
         if not 0 <= self.critical_dim <= self.critical_dims[-1] < self.num_factors:
             raise ValueError(f"critical_dim must be in 0..{self.num_factors - 1}, got {self.critical_dims}")
         if self.critical_dim == 0 and len(self.critical_dims) > 1:
             raise ValueError("a sweep of critical dims is LongRoPE2's: every swept value must be >= 1")
-
-    @property
-    def scale(self) -> float:
-        """``s = target / original``, never below 1 (as :func:`models.baselines.length_scale`)."""
-        return max(1.0, self.target_length / self.original_length)
 
     @property
     def longrope2(self) -> bool:
@@ -197,19 +345,6 @@ class LongRoPESearchSpace:
             derived[factor_param_name(dim)] = top ** (dim / critical_dim)
         return derived
 
-    @property
-    def searches_start_tokens(self) -> bool:
-        return len(self.start_token_candidates) > 1
-
-    @property
-    def searches_attention_scaling(self) -> bool:
-        return self.attention_scaling_range is not None
-
-    @property
-    def default_attention_scaling(self) -> float:
-        """The attention scaling used when it is not searched: LongRoPE's default."""
-        return longrope_attention_scaling(self.scale, self.original_length)
-
     def distributions(self) -> dict[str, BaseDistribution]:
         """One Optuna distribution per parameter.
 
@@ -224,26 +359,7 @@ class LongRoPESearchSpace:
         }
         if self.sweeps_critical_dim:
             space[CRITICAL_DIM_PARAM] = CategoricalDistribution(self.critical_dims)
-        if self.searches_start_tokens:
-            space[START_TOKENS_PARAM] = CategoricalDistribution(self.start_token_candidates)
-        if self.attention_scaling_range is not None:
-            space[ATTENTION_SCALING_PARAM] = FloatDistribution(*self.attention_scaling_range)
-        return space
-
-    def suggest(self, trial: optuna.Trial) -> RopeFactors:
-        """Ask ``trial`` for every parameter of this space and return the full factor set."""
-        params: dict[str, Any] = {}
-        for name, distribution in self.distributions().items():
-            if isinstance(distribution, CategoricalDistribution):
-                params[name] = trial.suggest_categorical(name, distribution.choices)
-            else:
-                assert isinstance(distribution, FloatDistribution)
-                params[name] = trial.suggest_float(name, distribution.low, distribution.high)
-        return self.to_factors(params)
-
-    def has_all_params(self, params: Mapping[str, Any]) -> bool:
-        """Whether ``params`` holds every parameter of this space (extra keys are allowed)."""
-        return all(name in params for name in self.distributions())
+        return space | self._extra_distributions()
 
     def to_factors(self, params: Mapping[str, Any]) -> RopeFactors:
         """The full factor set (derived dims included) that ``params`` stand for.
@@ -251,21 +367,12 @@ class LongRoPESearchSpace:
         Values are taken as given (no clamping); use :meth:`to_params` first to repair
         out-of-bounds or non-monotone values. Raises ``ValueError`` on a missing parameter.
         """
-        missing = [name for name in self.distributions() if name not in params]
-        if missing:
-            raise ValueError(f"params lack {', '.join(missing)}")
+        self._check_params(params)
         critical_dim = self.critical_dim_of(params)
         searched = [float(params[name]) for name in self.searched_names(params)]
         derived = [searched[0] ** (dim / critical_dim) for dim in range(critical_dim)]
-        return RopeFactors(
-            rescale_factors=tuple(derived + searched),
-            original_length=self.original_length,
-            target_length=self.target_length,
-            start_tokens=int(params.get(START_TOKENS_PARAM, self.start_token_candidates[0])),
-            attention_scaling=float(params.get(ATTENTION_SCALING_PARAM, self.default_attention_scaling)),
-            method="longrope",
-            metadata={"critical_dim": critical_dim} if self.sweeps_critical_dim else {},
-        )
+        return self._factors(derived + searched, params,
+                             {"critical_dim": critical_dim} if self.sweeps_critical_dim else None)
 
     def to_params(self, factors: RopeFactors) -> dict[str, Any]:
         """The parameters closest to ``factors`` inside this space (used to enqueue seeds).
@@ -300,18 +407,11 @@ class LongRoPESearchSpace:
         if self.sweeps_critical_dim:
             params[CRITICAL_DIM_PARAM] = critical_dim
             params = self.with_derived(params)
-        if self.searches_start_tokens:
-            params[START_TOKENS_PARAM] = min(
-                self.start_token_candidates, key=lambda c: (abs(c - factors.start_tokens), c)
-            )
-        if self.attention_scaling_range is not None:
-            low, high = self.attention_scaling_range
-            params[ATTENTION_SCALING_PARAM] = min(max(factors.attention_scaling, low), high)
-        return params
+        return params | self._extra_params(factors)
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-able description of the space, as stored in a study's user attrs."""
-        return {"num_factors": self.num_factors, "original_length": self.original_length,
+        return {"kind": self.kind, "num_factors": self.num_factors, "original_length": self.original_length,
                 "target_length": self.target_length, "critical_dim": self.critical_dim,
                 "min_factor": self.lower, "max_factor": self.upper, "start_tokens": list(self.start_token_candidates),
                 "attention_scaling": list(self.attention_scaling_range or []) or None,
@@ -350,20 +450,10 @@ class LongRoPESearchSpace:
         about 8.5 for Llama-3 at 128k, s = 16), outside LongRoPE2's space.
         Raises ``ValueError`` when ``geometry`` does not match the space.
         """
-        if geometry.num_factors != self.num_factors or geometry.original_length != self.original_length:
-            raise ValueError(
-                f"geometry has {geometry.num_factors} factors and window {geometry.original_length}; "
-                f"the search space has {self.num_factors} and {self.original_length}"
-            )
-        if self.longrope2:
-            return [seed for dim in self.critical_dims for seed in self._longrope2_seeds(geometry, dim)]
-        betas = {"beta_fast": self.yarn_beta_fast, "beta_slow": self.yarn_beta_slow}
-        return [
-            linear_interpolation(geometry, self.target_length),
-            ntk_aware(geometry, self.target_length),
-            yarn(geometry, self.target_length, **betas),
-            yarn(geometry, self.target_length, **betas, blend="factor"),
-        ]
+        if not self.longrope2:
+            return self.baseline_seeds(geometry)
+        self._check_geometry(geometry)
+        return [seed for dim in self.critical_dims for seed in self._longrope2_seeds(geometry, dim)]
 
     def _longrope2_seeds(self, geometry: RopeGeometry, critical_dim: int) -> list[RopeFactors]:
         # the highest critical factor whose rising tail still ends inside the space

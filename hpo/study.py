@@ -21,16 +21,18 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import torch
+from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from hpo.curve_space import MonotoneCurveSpace
 from hpo.early_stopping import forget_stale_stop, stopper
 from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.records import (
@@ -47,7 +49,7 @@ from hpo.records import (
     worker_name,
 )
 from hpo.sampler import LongRoPESampler, enqueue_seeds
-from hpo.search_space import LongRoPESearchSpace
+from hpo.search_space import LongRoPESearchSpace, RopeSearchSpace
 from models.baselines import baseline, critical_dimension, yarn
 from models.loading import load_model, model_revision
 from models.patch import patched
@@ -60,6 +62,65 @@ from studies import SearchSpec, StudyPreset
 logger = logging.getLogger(__name__)
 
 REFERENCE_METHODS = ("none", "pi", "ntk", "yarn")
+
+
+def _quietly(make: Callable[..., optuna.samplers.BaseSampler], **options: Any) -> optuna.samplers.BaseSampler:
+    """``make(**options)`` without Optuna's note that it is experimental (multivariate TPE, the GP sampler)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return make(**options)
+
+
+# Optuna's own samplers, by their [search] sampler name; they search a MonotoneCurveSpace.
+CURVE_SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "tpe": lambda seed: _quietly(optuna.samplers.TPESampler, seed=seed, multivariate=True),
+    # n_hat is categorical, which CMA-ES leaves to its independent (random) sampler: said in the README, not per trial
+    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "gp": lambda seed: _quietly(optuna.samplers.GPSampler, seed=seed),
+}
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler made afresh for every trial, seeded with ``seed + trial.number``.
+
+    Optuna's samplers draw from one random stream per process, so several processes sharing a study
+    with one seed (:class:`~hpo.records.TrialClaims`, the Ray driver beside a local worker) would propose
+    the same parameters: the random start trials of TPE and GP coincide draw for draw. Seeding from the
+    trial number gives each trial of a shared study its own stream, as :class:`~hpo.sampler.LongRoPESampler`
+    does, and keeps a one-process run reproducible. The samplers read their state from the study's trials
+    (CMA-ES its optimizer, from the trials' system attrs), so a fresh one per trial loses only caches.
+
+    Args:
+        make: the sampler for a seed (a :data:`CURVE_SAMPLERS` value).
+        seed: the study's seed (``[search] seed``).
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._sampler = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler = self._make(self._seed + trial.number)
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
 
 
 class BackendError(RuntimeError):
@@ -92,7 +153,7 @@ class Workload:
         """The factors the model runs with for searched ``factors`` (:meth:`Stage.final_factors`)."""
         return self.stage.final_factors(factors) if self.stage else factors
 
-    def seeds(self, space: LongRoPESearchSpace) -> list[RopeFactors]:
+    def seeds(self, space: RopeSearchSpace) -> list[RopeFactors]:
         """The trials that open the search: the baselines, after the long factors and no scaling when short."""
         if self.stage and self.stage.mode == "short":
             identity = baseline("none", self.model_geometry, space.target_length)
@@ -186,11 +247,23 @@ def load_workload(preset: StudyPreset) -> Workload:
     return Workload(model, geometry, windows, masks, heldout, heldout_masks, model_geometry, stage)
 
 
-def search_space_for(preset: StudyPreset, workload: Workload) -> LongRoPESearchSpace:
-    """The preset's space over ``workload``'s window; a short stage searches in the long factors' bounds."""
+def search_space_for(preset: StudyPreset, workload: Workload) -> RopeSearchSpace:
+    """The preset's space over ``workload``'s window; a short stage searches in the long factors' bounds.
+
+    The per-pair :class:`LongRoPESearchSpace` for the evolutionary sampler (``[search] sampler = "longrope"``),
+    a :class:`MonotoneCurveSpace` of ``curve_knots`` knots for Optuna's own samplers (:data:`CURVE_SAMPLERS`).
+    """
     search = preset.search
     geometry = workload.geometry
     short = workload.stage is not None and workload.stage.mode == "short"
+    target_length = workload.stage.factors.target_length if short else preset.target_length
+    if search.sampler in CURVE_SAMPLERS:
+        return MonotoneCurveSpace(
+            num_factors=geometry.num_factors, original_length=geometry.original_length, target_length=target_length,
+            knots=search.curve_knots, max_factor=search.max_factor, start_token_candidates=search.start_tokens,
+            attention_scaling_range=search.attention_scaling, yarn_beta_fast=search.yarn_beta_fast,
+            yarn_beta_slow=search.yarn_beta_slow,
+        )
     swept = search.critical_dim if isinstance(search.critical_dim, tuple) else ()
     if search.critical_dim == "auto":
         critical_dim = critical_dimension(geometry)
@@ -199,7 +272,7 @@ def search_space_for(preset: StudyPreset, workload: Workload) -> LongRoPESearchS
     return LongRoPESearchSpace(
         num_factors=geometry.num_factors,
         original_length=geometry.original_length,
-        target_length=workload.stage.factors.target_length if short else preset.target_length,
+        target_length=target_length,
         max_factor=search.length_scale if critical_dim else search.max_factor,
         start_token_candidates=search.start_tokens,
         attention_scaling_range=search.attention_scaling,
@@ -210,8 +283,15 @@ def search_space_for(preset: StudyPreset, workload: Workload) -> LongRoPESearchS
     )
 
 
-def sampler_for(preset: StudyPreset, space: LongRoPESearchSpace) -> LongRoPESampler:
+def sampler_for(preset: StudyPreset, space: RopeSearchSpace) -> optuna.samplers.BaseSampler:
+    """The preset's ``[search] sampler`` over ``space`` (:func:`search_space_for` made for that sampler)."""
     search = preset.search
+    if search.sampler in CURVE_SAMPLERS:
+        if search.start_token_search == "sweep":
+            logger.warning("sampler %r draws n_hat as a parameter: start_token_search = 'sweep' (the longrope "
+                           "sampler's rule) is ignored", search.sampler)
+        return TrialSeededSampler(CURVE_SAMPLERS[search.sampler], search.seed)
+    assert isinstance(space, LongRoPESearchSpace)
     return LongRoPESampler(space, population_size=search.population, num_parents=search.parents,
                            num_mutants=search.mutants, num_crossovers=search.crossovers,
                            mutation_prob=search.mutation_prob, crossover_prob=search.crossover_prob,
@@ -253,7 +333,7 @@ def workload_record(preset: StudyPreset, workload: Workload) -> dict[str, Any]:
     return record
 
 
-def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSpace,
+def open_study(preset: StudyPreset, storage: RDBStorage, space: RopeSearchSpace,
                workload: Workload) -> optuna.Study:
     """Create the study or load it to continue; the preset's space, the workload's settings
     (:func:`workload_record`) and its stage are recorded and must not change: a resume under other
@@ -265,7 +345,7 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: LongRoPESearchSp
     return study
 
 
-def open_claims(study: optuna.Study, storage: RDBStorage, space: LongRoPESearchSpace,
+def open_claims(study: optuna.Study, storage: RDBStorage, space: RopeSearchSpace,
                 seeds: list[RopeFactors]) -> TrialClaims:
     """The study's :class:`TrialClaims`, with ``seeds`` (:meth:`Workload.seeds`) enqueued once per study.
 
@@ -296,7 +376,7 @@ class TrialProgress:
         self._bar.close()
 
 
-def make_objective(workload: Workload, space: LongRoPESearchSpace,
+def make_objective(workload: Workload, space: RopeSearchSpace,
                    schedule: list[FidelityStep]) -> Callable[[optuna.Trial], float]:
     """The trial objective: measure the trial's factors step by step, reporting each running value.
 
@@ -356,7 +436,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[opt
     return told
 
 
-def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, space: LongRoPESearchSpace,
+def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, space: RopeSearchSpace,
                preset: StudyPreset, progress: bool = True, stop_signals: StopSignals | None = None) -> None:
     """Run trials until the study holds ``preset.search.n_trials`` complete or pruned ones.
 
@@ -398,7 +478,7 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
         bar.close()
 
 
-def _matching_trial_value(study: optuna.Study, space: LongRoPESearchSpace, factors: RopeFactors) -> float | None:
+def _matching_trial_value(study: optuna.Study, space: RopeSearchSpace, factors: RopeFactors) -> float | None:
     """The value of a completed trial that evaluated exactly ``factors`` (a seed), if any."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         tried = space.to_factors(trial.params)
@@ -408,7 +488,7 @@ def _matching_trial_value(study: optuna.Study, space: LongRoPESearchSpace, facto
     return None
 
 
-def reference_candidates(workload: Workload, space: LongRoPESearchSpace) -> list[tuple[str, RopeFactors]]:
+def reference_candidates(workload: Workload, space: RopeSearchSpace) -> list[tuple[str, RopeFactors]]:
     """What the best trial is compared with: the baselines (YaRN with the preset's betas), on top of a
     longer stage's factors; for a short stage, no rescaling (factors 1: what the export uses within the
     window without a short search) and the long factors."""
@@ -425,7 +505,7 @@ def reference_candidates(workload: Workload, space: LongRoPESearchSpace) -> list
     return candidates
 
 
-def compare_with_baselines(study: optuna.Study, workload: Workload, space: LongRoPESearchSpace) -> list[dict]:
+def compare_with_baselines(study: optuna.Study, workload: Workload, space: RopeSearchSpace) -> list[dict]:
     """Perplexity of the best trial and each reference (:func:`reference_candidates`) on the searched
     and held-out windows; with a sweep of LongRoPE2 critical dims, also of the best trial of each
     (before the overall best, which stays the last row).
@@ -436,11 +516,12 @@ def compare_with_baselines(study: optuna.Study, workload: Workload, space: LongR
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = study.best_trial
     found = []
-    for critical_dim in space.critical_dims if space.sweeps_critical_dim else ():
-        trials = [t for t in complete if space.critical_dim_of(t.params) == critical_dim]
-        if trials:
-            top = min(trials, key=lambda t: (t.value, t.number))
-            found.append((f"critical dim {critical_dim} (trial {top.number})", top))
+    if isinstance(space, LongRoPESearchSpace) and space.sweeps_critical_dim:
+        for critical_dim in space.critical_dims:
+            trials = [t for t in complete if space.critical_dim_of(t.params) == critical_dim]
+            if trials:
+                top = min(trials, key=lambda t: (t.value, t.number))
+                found.append((f"critical dim {critical_dim} (trial {top.number})", top))
     found.append((f"longrope (trial {best.number})", best))
     candidates = reference_candidates(workload, space)
     candidates += [(name, space.to_factors(trial.params)) for name, trial in found]

@@ -22,6 +22,8 @@ FITNESS_KINDS = ("perplexity", "needle-perplexity")
 EXTEND_MODES = ("longer", "short")
 START_TOKEN_SEARCHES = ("gene", "sweep")  # as hpo.sampler.START_TOKEN_SEARCHES (presets sit below the search)
 SEED_METHODS = ("pi", "ntk", "yarn", "yarn-linear")  # the methods of LongRoPESearchSpace.seeds (plain LongRoPE)
+# "longrope": the evolutionary sampler (hpo.sampler); the others are Optuna's (hpo.study.CURVE_SAMPLERS)
+SAMPLERS = ("longrope", "tpe", "cmaes", "gp")
 
 
 class PresetError(ValueError):
@@ -61,6 +63,11 @@ class FitnessSpec:
 @dataclass(frozen=True)
 class SearchSpec:
     n_trials: int = 64
+    # "longrope": LongRoPE's evolutionary search over every pair's factor (the settings population .. mutants_of
+    # below are its own). "tpe", "cmaes", "gp": Optuna's samplers over a family of monotone factor curves with
+    # `curve_knots` knots (hpo/curve_space.py), up to max_factor.
+    sampler: str = "longrope"
+    curve_knots: int = 4
     population: int = 64
     parents: int = 32
     mutants: int = 16
@@ -228,6 +235,15 @@ def _checked(preset: StudyPreset) -> StudyPreset:
     length_scale = search.length_scale
     if length_scale is not None and not (isinstance(length_scale, int | float) and length_scale > 1):
         problems.append(f"search.length_scale must be a number > 1, got {search.length_scale!r}")
+    if search.sampler not in SAMPLERS:
+        problems.append(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {search.sampler!r}")
+    elif search.sampler != "longrope" and search.critical_dim != 0:
+        # LongRoPE2's space is per pair (the curves span every pair): an error, not a silently ignored setting
+        problems.append(f"search.critical_dim (LongRoPE2) needs sampler = 'longrope'; {search.sampler!r} "
+                        f"searches monotone curves over every pair")
+    knots = search.curve_knots
+    if not isinstance(knots, int) or isinstance(knots, bool) or knots < 2:
+        problems.append(f"search.curve_knots must be an integer >= 2, got {knots!r}")
     if search.start_token_search not in START_TOKEN_SEARCHES:
         problems.append(f"search.start_token_search must be one of {', '.join(START_TOKEN_SEARCHES)}, "
                         f"got {search.start_token_search!r}")

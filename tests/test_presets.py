@@ -65,6 +65,7 @@ def test_overrides():
     assert preset.model.device == "auto"
     with pytest.raises(PresetError, match="n_trials must be a positive integer"):
         preset.replace(search__n_trials=0)
+    assert preset.search.sampler == "longrope" and preset.replace(search__sampler="tpe").search.sampler == "tpe"
 
 
 def write(tmp_path, text: str):
@@ -100,6 +101,9 @@ def write(tmp_path, text: str):
         ("target_length = 100\n[search]\nstart_token_search = 'sweep'\n", "needs several search.start_tokens"),
         ("target_length = 100\n[search]\nyarn_beta_fast = 0\n", "yarn_beta_fast and search.yarn_beta_slow"),
         ("name = '../../elsewhere'\ntarget_length = 100\n", "name must be letters"),
+        ("target_length = 100\n[search]\nsampler = 'bayes'\n", "sampler must be one of longrope, tpe, cmaes, gp"),
+        ("target_length = 100\n[search]\nsampler = 'gp'\ncritical_dim = 'auto'\n", "critical_dim .LongRoPE2. needs"),
+        ("target_length = 100\n[search]\ncurve_knots = 1\n", "curve_knots must be an integer >= 2"),
     ],
 )
 def test_malformed_presets(tmp_path, text, message):

@@ -52,6 +52,22 @@ def test_tiny_preset_on_ray_keeps_one_model_per_worker(tmp_path):
     assert len(load_study(tmp_path, "tiny").trials) == 18
 
 
+def test_tpe_on_ray_runs_the_budget_and_resumes_locally(tmp_path):
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--backend", "ray", "--sampler", "tpe", "--n-trials", "10",
+                 "--quiet"]) == 0
+    study = load_study(tmp_path, "tiny")
+    trials = study.trials
+    assert len(trials) == 10 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs) == ["ntk", "pi", "yarn",
+                                                                                      "yarn-linear"]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 10
+    assert {t.user_attrs["model_loads"] for t in trials} == {1}
+    best = json.loads((tmp_path / "best_factors.json").read_text())
+    assert best["metadata"]["trial"] == study.best_trial.number
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--sampler", "tpe", "--n-trials", "12", "--quiet"]) == 0
+    assert len(load_study(tmp_path, "tiny").trials) == 12
+
+
 def test_ray_prunes_with_the_study_pruner(tmp_path):
     preset = tmp_path / "tiny_ray_pruning.toml"
     preset.write_text(

@@ -143,6 +143,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
         (["--study", "tiny", "--target-length", "64"], "must be longer than the model's original window 128"),
         (["--study", "tiny", "--cpus-per-trial", "2"], "need --backend ray"),
         (["--study", "tiny", "--backend", "ray", "--max-concurrent", "0"], "--max-concurrent: must be > 0"),
+        (["--study", "tiny", "--sampler", "bayes"], "--sampler: invalid choice: 'bayes'"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
