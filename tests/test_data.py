@@ -191,38 +191,3 @@ def test_a_token_cache_file_is_loaded_as_tensors_only(tmp_path, monkeypatch):
     again = load_windows(str(tmp_path / "doc.txt"), WordTokenizer(), 4, 1, mode="stream")
     assert not marker.exists()
     assert [w.tolist() for w in again] == [w.tolist() for w in first] == [[1, 2, 3, 4]]
-
-
-class _ByteTokenizer:
-    """Bytes as token ids: enough for the token cache."""
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": list(text.encode())}
-
-    def __len__(self) -> int:
-        return 256
-
-
-class _RunsCode:
-    """A pickle that would create ``marker`` when unpickled by a loader that runs code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_a_token_cache_file_that_holds_code_is_never_run(tmp_path, monkeypatch):
-    from models import assets
-    from objectives.data import tokenize_documents
-
-    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "cache")
-    tokenizer = _ByteTokenizer()
-    first = tokenize_documents(["abc", "de"], tokenizer, "documents")
-    (cache_file,) = (tmp_path / "cache" / "tokens").glob("*.pt")
-    marker = tmp_path / "ran"
-    torch.save(_RunsCode(marker), cache_file)  # a foreign file where the cache was
-    again = tokenize_documents(["abc", "de"], tokenizer, "documents")
-    assert not marker.exists()  # loaded with weights_only: refused, and tokenized again
-    assert [t.tolist() for t in again] == [t.tolist() for t in first] == [[97, 98, 99], [100, 101]]
