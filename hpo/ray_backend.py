@@ -255,17 +255,15 @@ class StudySearcher(OptunaSearch):
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         """Nothing to save: the study storage is the checkpoint."""
 
-    def close(self) -> int:
+    def close(self) -> None:
         """End the trials Tune never completed (a run that Ctrl-C or SIGTERM broke off) with
-        :func:`~hpo.records.interrupt_trial`, so their parameters run first next time; how many there were."""
+        :func:`~hpo.records.interrupt_trial`, so their parameters run first next time."""
         for heartbeat in self._heartbeats.values():
             heartbeat.join()
         self._heartbeats.clear()
         for trial in self._ot_trials.values():
             interrupt_trial(self._ot_study, trial)
-        interrupted = len(self._ot_trials)
         self._ot_trials.clear()
-        return interrupted
 
 
 class StudyScheduler(FIFOScheduler):
