@@ -1,67 +1,153 @@
-"""Benchmark: the samplers of ``[search] sampler`` side by side, on one loaded model.
+"""Benchmark: the samplers of ``[search] sampler`` side by side, on one loaded model, over several seeds.
 
-    python benchmarks/samplers.py --study tiny --n-trials 16   # a random model: the mechanics only
+    python benchmarks/samplers.py --study tiny --n-trials 16 --seeds 0,1,2   # a random model: the mechanics only
+    python benchmarks/samplers.py --study smollm2_16k --n-trials 40 --seeds 0,1,2 --samplers longrope,tpe,gp,hybrid \
+        --html runs/bench_samplers/convergence.html
 
-Runs the study once per sampler (``longrope``, ``tpe``, ``cmaes``, ``gp`` or those given to
-``--samplers``) with the same windows, seed and budget of finished trials, pruning off, each in its
-own SQLite file under ``--out`` (running it again continues those studies), and prints for each the
-best searched perplexity after every quarter of the budget, the trial that found the best, and the
-run's wall time. Every study opens with the same baselines (PI, NTK, YaRN, linear YaRN), projected
-into its space: exactly into LongRoPE's per-pair space, YaRN only approximately into the curves.
+Runs the study once per sampler and seed with the same windows and budget of finished trials (pruning
+as the preset says; ``--no-pruning`` turns it off), each in its own SQLite file under ``--out``: running
+it again continues those studies, so a finished one costs nothing (a replay) and an interrupted one
+resumes. Every study opens with the same baselines, projected into its space.
+
+The reference is the first sampler of ``--samplers`` (``longrope``: the evolutionary search). For each
+sampler and seed the table gives the best searched perplexity, and the full-length window evaluations
+(one searched window measured at the target length; prefix rungs not counted) and trial seconds spent
+until the first complete trial at or below the reference's best at that seed, as a share of what the
+reference spent in its whole run ("-" when never reached), and the best trial's perplexity on the
+held-out windows (one more evaluation per run, stored in its study). A summary gives each sampler's
+mean and spread over the seeds. ``--html`` writes the convergence figure of every study (dashboards.figures).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import time
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from dashboards.figures import convergence
+from dashboards.report import render_html
 from hpo.records import open_storage
-from hpo.study import load_workload, open_study, run_search, search_space_for
-from studies import SAMPLERS, load_preset
-
-QUARTERS = (0.25, 0.5, 0.75, 1.0)
+from hpo.study import Workload, load_workload, open_study, run_search, search_space_for
+from studies import SAMPLERS, StudyPreset, load_preset
 
 
-def best_after(study: optuna.Study, trials: int) -> float:
-    """The best complete value among the study's first ``trials`` trials (NaN without one)."""
-    values = [t.value for t in study.trials[:trials] if t.state == TrialState.COMPLETE and t.value is not None]
-    return min(values, default=math.nan)
+@dataclass
+class Run:
+    """One sampler at one seed: its trials in evaluation order (one worker) and what they spent."""
+
+    sampler: str
+    seed: int
+    preset: StudyPreset
+    study: optuna.Study
+    full_steps: set[int]  # the intermediate-value steps that close a full searched window
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+    @property
+    def best(self) -> float:
+        return self.study.best_value
+
+    def heldout(self, workload: Workload) -> float:
+        """The best trial's perplexity on the held-out windows (stored in the study once measured)."""
+        key = f"benchmark:heldout:{self.study.best_trial.number}"
+        if key not in self.study.user_attrs:
+            space = search_space_for(self.preset, workload)
+            value, _ = workload.fitness(space.to_factors(self.study.best_trial.params), heldout=True)
+            self.study.set_user_attr(key, value)
+        return self.study.user_attrs[key]
+
+    def spent(self, until: float | None = None) -> tuple[int, float] | None:
+        """Full evaluations and trial seconds up to the first complete trial at or below ``until`` (the whole
+        run when ``None``); ``None`` when no trial reached it."""
+        evaluations, seconds = 0, 0.0
+        for trial in self.trials:
+            evaluations += sum(step in self.full_steps for step in trial.intermediate_values)
+            if trial.datetime_complete and trial.datetime_start:
+                seconds += (trial.datetime_complete - trial.datetime_start).total_seconds()
+            if until is not None and trial.state == TrialState.COMPLETE and trial.value <= until:
+                return evaluations, seconds
+        return (evaluations, seconds) if until is None else None
+
+
+def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Path) -> Run:
+    """The study of ``sampler`` at ``seed`` in ``out``, run (or continued) to the preset's budget."""
+    preset = base.replace(name=f"{base.name}-{sampler}-seed{seed}", search__sampler=sampler, search__seed=seed)
+    storage = open_storage(f"sqlite:///{(out / f'{preset.name}.db').resolve()}")
+    space = search_space_for(preset, workload)
+    study = open_study(preset, storage, space, workload)
+    run_search(study, storage, workload, space, preset, progress=False)
+    full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
+    return Run(sampler, seed, preset, study, full_steps)
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="tiny", help="preset name or .toml path")
-    parser.add_argument("--n-trials", type=int, help="finished trials per sampler (default: the preset's)")
-    parser.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated, among " + ", ".join(SAMPLERS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS),
+                        help="comma-separated, the reference first; among " + ", ".join(SAMPLERS))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, one run per sampler and seed")
+    parser.add_argument("--no-pruning", action="store_true", help="measure every trial on every window")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_samplers"))
+    parser.add_argument("--html", type=Path, help="write the convergence figure of every run here")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = load_preset(args.study).replace(search__n_trials=args.n_trials, search__seed=args.seed,
-                                           search__pruning=False)
+    samplers = args.samplers.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    base = load_preset(args.study).replace(search__n_trials=args.n_trials)
+    if args.no_pruning:
+        base = base.replace(search__pruning=False)
     workload = load_workload(base)
     args.out.mkdir(parents=True, exist_ok=True)
-    n_trials = base.search.n_trials
-    header = (f"{'sampler':<9} | " + " | ".join(f"best @{round(q * n_trials):>4}" for q in QUARTERS)
-              + " | best trial | seconds")
-    lines = [f"{base.name}: {n_trials} trials per sampler, seed {args.seed}, pruning off", header, "-" * len(header)]
-    for sampler in args.samplers.split(","):
-        preset = base.replace(name=f"{base.name}-{sampler}", search__sampler=sampler)
-        storage = open_storage(f"sqlite:///{(args.out / f'{preset.name}.db').resolve()}")
-        space = search_space_for(preset, workload)
-        study = open_study(preset, storage, space, workload)
-        started = time.perf_counter()
-        run_search(study, storage, workload, space, preset, progress=False)
-        seconds = time.perf_counter() - started
-        bests = [best_after(study, round(q * n_trials)) for q in QUARTERS]
-        lines.append(f"{sampler:<9} | " + " | ".join(f"{b:10.4f}" for b in bests)
-                     + f" | {study.best_trial.number:>10} | {seconds:7.1f}")
-    print("\n".join(lines))
+    runs = {(sampler, seed): run(base, workload, sampler, seed, args.out) for sampler in samplers for seed in seeds}
+
+    reference = samplers[0]
+    pruning = "on" if base.search.pruning else "off"
+    print(f"{base.name}: {base.search.n_trials} finished trials per run, pruning {pruning}, reference {reference}; "
+          "cost = full-length window evaluations / trial seconds until the reference's best at that seed, as a "
+          "share of the reference's whole run\n")
+    print("| sampler | seed | best | held-out | best trial | evaluations to the reference's best | share "
+          "| seconds share |")
+    print("|---|---|---|---|---|---|---|---|")
+    shares: dict[str, list[float]] = {sampler: [] for sampler in samplers}
+    for (sampler, seed), result in runs.items():
+        target = runs[reference, seed]
+        total_evaluations, total_seconds = target.spent()
+        reached = result.spent(until=target.best)
+        if reached:
+            evaluations, seconds = reached
+            shares[sampler].append(evaluations / total_evaluations)
+            cost = f"{evaluations} | {evaluations / total_evaluations:.2f} | {seconds / total_seconds:.2f}"
+        else:
+            cost = "- | - | -"
+        heldout = f"{result.heldout(workload):.4f}" if workload.heldout_windows else "-"
+        print(f"| {sampler} | {seed} | {result.best:.4f} | {heldout} | {result.study.best_trial.number} | {cost} |")
+    print("\n| sampler | best, mean (min-max) | held-out, mean (min-max) | share of the reference's evaluations "
+          "to reach its best | reached |")
+    print("|---|---|---|---|---|")
+    for sampler in samplers:
+        bests = [runs[sampler, seed].best for seed in seeds]
+        heldouts = [runs[sampler, seed].heldout(workload) for seed in seeds] if workload.heldout_windows else []
+        print(f"| {sampler} | {spread(bests)} | {spread(heldouts)} | {spread(shares[sampler])} "
+              f"| {len(shares[sampler])}/{len(seeds)} |")
+    if args.html:
+        figure = convergence([result.study for result in runs.values()])
+        args.html.write_text(render_html({"convergence": figure}, f"Samplers on {base.name}"))
+        print(f"\nconvergence figure: {args.html}")
 
 
 if __name__ == "__main__":

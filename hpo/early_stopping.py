@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from hpo.records import EVALUATED, GENERATION_KEY, STOPPED_ATTR
 from hpo.sampler import LongRoPESampler
-from studies import SearchSpec
+from studies import GENETIC_SAMPLERS, SearchSpec
 
 logger = logging.getLogger("hpo.study")
 
@@ -99,7 +99,7 @@ def stopper(search: SearchSpec, sampler: optuna.samplers.BaseSampler | None = No
     """
     if search.early_stop_generations is None:
         return None
-    if search.sampler != "longrope":
+    if search.sampler not in GENETIC_SAMPLERS:
         logger.warning("early stopping counts the longrope sampler's generations; sampler %r has none: "
                        "early_stop_generations is ignored, the search runs n_trials", search.sampler)
         return None

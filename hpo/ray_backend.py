@@ -290,7 +290,7 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
     Tune's own files go to ``out_dir/ray_results``.
     """
     n_trials = preset.search.n_trials
-    claims = open_claims(study, storage, space, workload.seeds(space))
+    claims = open_claims(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds))
     stop = stopper(preset.search, study.sampler)
     with claims.locked():
         forget_stale_stop(study, stop)

@@ -17,6 +17,7 @@ pruned (:mod:`hpo.pruning`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from hpo.curve_space import MonotoneCurveSpace
 from hpo.early_stopping import forget_stale_stop, stopper
+from hpo.hybrid_sampler import HybridSampler
 from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.records import (
     ERROR_ATTR,
@@ -50,7 +52,14 @@ from hpo.records import (
 )
 from hpo.sampler import LongRoPESampler, enqueue_seeds
 from hpo.search_space import LongRoPESearchSpace, RopeSearchSpace
-from models.baselines import baseline, critical_dimension, yarn
+from models.baselines import (
+    baseline,
+    critical_dimension,
+    hand_made_curves,
+    length_scale,
+    longrope_attention_scaling,
+    yarn,
+)
 from models.loading import load_model, model_revision
 from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry
@@ -61,7 +70,7 @@ from studies import SearchSpec, StudyPreset
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_METHODS = ("none", "pi", "ntk", "yarn")
+REFERENCE_METHODS = ("none", "pi", "ntk", "ntk+attn", "yarn", "yarn+attn", "longrope2-init")
 
 
 def _quietly(make: Callable[..., optuna.samplers.BaseSampler], **options: Any) -> optuna.samplers.BaseSampler:
@@ -78,6 +87,7 @@ CURVE_SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
     "gp": lambda seed: _quietly(optuna.samplers.GPSampler, seed=seed),
 }
+HYBRID_MODEL = "tpe"  # the sampler of the hybrid's generation 0
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -148,17 +158,35 @@ class Workload:
     heldout_masks: list[torch.Tensor] | None
     model_geometry: RopeGeometry  # the model's own RoPE, which exported factors refer to
     stage: Stage | None = None
+    # the second held-out set ([data] heldout_text), by source: only the comparison reads it
+    heldout_text: tuple[str, list[torch.Tensor], list[torch.Tensor] | None] | None = None
+
+    @property
+    def dtype(self) -> str:
+        """The precision the model runs in (``float32``, ``bfloat16``...)."""
+        return str(self.model.dtype).removeprefix("torch.")
 
     def applied(self, factors: RopeFactors) -> RopeFactors:
         """The factors the model runs with for searched ``factors`` (:meth:`Stage.final_factors`)."""
         return self.stage.final_factors(factors) if self.stage else factors
 
-    def seeds(self, space: RopeSearchSpace) -> list[RopeFactors]:
-        """The trials that open the search: the baselines, after the long factors and no scaling when short."""
+    def seeds(self, space: RopeSearchSpace, hand_made: bool = False) -> list[RopeFactors]:
+        """The trials that open the search: the space's baselines, after the long factors and no scaling when
+        short; with ``hand_made``, then the other references of the comparison (:func:`reference_candidates`)
+        and the members of :func:`~models.baselines.hand_made_curves` (never in LongRoPE2's space, whose
+        factors start at ``s`` from the critical dim)."""
+        seeds = space.seeds(self.geometry)
         if self.stage and self.stage.mode == "short":
             identity = baseline("none", self.model_geometry, space.target_length)
-            return [dataclasses.replace(self.stage.factors, method="long"), identity, *space.seeds(self.geometry)]
-        return space.seeds(self.geometry)
+            return [dataclasses.replace(self.stage.factors, method="long"), identity, *seeds]
+        if hand_made and not getattr(space, "longrope2", False):
+            families = hand_made_curves(self.geometry, space.target_length, space.yarn_beta_fast,
+                                        space.yarn_beta_slow)
+            references = [factors for name, factors in reference_candidates(self, space) if name != "none"]
+            for curve in [*references, *(curve for family in families.values() for curve in family.values())]:
+                if curve not in seeds:
+                    seeds.append(curve)
+        return seeds
 
     def _perplexity(self, factors: RopeFactors, windows: list[torch.Tensor], masks: list[torch.Tensor] | None,
                     desc: str) -> PerplexityResult:
@@ -166,8 +194,22 @@ class Workload:
             return perplexity(self.model, windows, score_masks=masks, desc=desc,
                               progress=logger.isEnabledFor(logging.INFO))
 
-    def fitness(self, factors: RopeFactors, heldout: bool = False, desc: str = "trial") -> tuple[float, list[float]]:
-        windows, masks = (self.heldout_windows, self.heldout_masks) if heldout else (self.windows, self.score_masks)
+    @property
+    def splits(self) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor] | None]]:
+        """The window sets a comparison reports, by name: ``searched``, ``heldout`` (when there are held-out
+        windows) and ``heldout:SOURCE`` for the second held-out set of another text."""
+        splits = {"searched": (self.windows, self.score_masks)}
+        if self.heldout_windows:
+            splits["heldout"] = (self.heldout_windows, self.heldout_masks)
+        if self.heldout_text:
+            source, windows, masks = self.heldout_text
+            splits[f"heldout:{source}"] = (windows, masks)
+        return splits
+
+    def fitness(self, factors: RopeFactors, heldout: bool = False, desc: str = "trial",
+                split: str | None = None) -> tuple[float, list[float]]:
+        """Perplexity of ``factors`` on the searched windows, the held-out ones, or any of :attr:`splits`."""
+        windows, masks = self.splits[split or ("heldout" if heldout else "searched")]
         result = self._perplexity(factors, windows, masks, desc)
         return result.perplexity, result.window_perplexities
 
@@ -233,18 +275,33 @@ def load_workload(preset: StudyPreset) -> Workload:
                              f"{'earlier stage' if stage else 'model'}'s original window {geometry.original_length}")
     data = preset.data
 
-    def cut(first: int, samples: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def cut(first: int, samples: int,
+            source: str = data.source) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if samples == 0:
             return [], None
-        windows = load_windows(data.source, tokenizer, preset.target_length, samples, first_window=first,
-                               mode=data.window_mode, min_tokens=data.min_tokens)
+        windows = load_windows(source, tokenizer, preset.target_length, samples, first_window=first,
+                               mode=data.window_mode if source == data.source else None,
+                               min_tokens=data.min_tokens if source == data.source else None)
         if preset.fitness.kind == "needle-perplexity":
             return needle_windows(windows, tokenizer, preset.fitness.needles, seed=preset.search.seed + first)
         return windows, None
 
     windows, masks = cut(data.first_window, data.samples)
     heldout, heldout_masks = cut(data.heldout_start, data.heldout_samples)
-    return Workload(model, geometry, windows, masks, heldout, heldout_masks, model_geometry, stage)
+    heldout_text = (data.heldout_text, *cut(0, data.heldout_text_samples, data.heldout_text)) if data.heldout_text \
+        else None
+    return Workload(model, geometry, windows, masks, heldout, heldout_masks, model_geometry, stage, heldout_text)
+
+
+def curve_space_for(search: SearchSpec, num_factors: int, original_length: int, target_length: int,
+                    max_factor: float | None = None) -> MonotoneCurveSpace:
+    """The :class:`MonotoneCurveSpace` of ``search``'s settings (its ``max_factor`` unless one is given)."""
+    return MonotoneCurveSpace(
+        num_factors=num_factors, original_length=original_length, target_length=target_length,
+        knots=search.curve_knots, max_factor=search.max_factor if max_factor is None else max_factor,
+        start_token_candidates=search.start_tokens, attention_scaling_range=search.attention_scaling,
+        yarn_beta_fast=search.yarn_beta_fast, yarn_beta_slow=search.yarn_beta_slow,
+    )
 
 
 def search_space_for(preset: StudyPreset, workload: Workload) -> RopeSearchSpace:
@@ -258,12 +315,7 @@ def search_space_for(preset: StudyPreset, workload: Workload) -> RopeSearchSpace
     short = workload.stage is not None and workload.stage.mode == "short"
     target_length = workload.stage.factors.target_length if short else preset.target_length
     if search.sampler in CURVE_SAMPLERS:
-        return MonotoneCurveSpace(
-            num_factors=geometry.num_factors, original_length=geometry.original_length, target_length=target_length,
-            knots=search.curve_knots, max_factor=search.max_factor, start_token_candidates=search.start_tokens,
-            attention_scaling_range=search.attention_scaling, yarn_beta_fast=search.yarn_beta_fast,
-            yarn_beta_slow=search.yarn_beta_slow,
-        )
+        return curve_space_for(search, geometry.num_factors, geometry.original_length, target_length)
     swept = search.critical_dim if isinstance(search.critical_dim, tuple) else ()
     if search.critical_dim == "auto":
         critical_dim = critical_dimension(geometry)
@@ -283,8 +335,12 @@ def search_space_for(preset: StudyPreset, workload: Workload) -> RopeSearchSpace
     )
 
 
-def sampler_for(preset: StudyPreset, space: RopeSearchSpace) -> optuna.samplers.BaseSampler:
-    """The preset's ``[search] sampler`` over ``space`` (:func:`search_space_for` made for that sampler)."""
+def sampler_for(preset: StudyPreset, space: RopeSearchSpace, seeds: int = 0) -> optuna.samplers.BaseSampler:
+    """The preset's ``[search] sampler`` over ``space`` (:func:`search_space_for` made for that sampler).
+
+    The evolutionary sampler's generation 0 grows to hold all ``seeds`` (distinct enqueued trials) when
+    they outnumber ``[search] population``, so that it breeds from all of them.
+    """
     search = preset.search
     if search.sampler in CURVE_SAMPLERS:
         if search.start_token_search == "sweep":
@@ -292,11 +348,14 @@ def sampler_for(preset: StudyPreset, space: RopeSearchSpace) -> optuna.samplers.
                            "sampler's rule) is ignored", search.sampler)
         return TrialSeededSampler(CURVE_SAMPLERS[search.sampler], search.seed)
     assert isinstance(space, LongRoPESearchSpace)
-    return LongRoPESampler(space, population_size=search.population, num_parents=search.parents,
-                           num_mutants=search.mutants, num_crossovers=search.crossovers,
-                           mutation_prob=search.mutation_prob, crossover_prob=search.crossover_prob,
-                           seed=search.seed, start_token_search=search.start_token_search,
-                           mutants_of=search.mutants_of)
+    options = dict(population_size=max(search.population, seeds), num_parents=search.parents,
+                   num_mutants=search.mutants, num_crossovers=search.crossovers,
+                   mutation_prob=search.mutation_prob, crossover_prob=search.crossover_prob,
+                   seed=search.seed, start_token_search=search.start_token_search, mutants_of=search.mutants_of)
+    if search.sampler == "hybrid":
+        curves = curve_space_for(search, space.num_factors, space.original_length, space.target_length, space.upper)
+        return HybridSampler(space, curves, CURVE_SAMPLERS[HYBRID_MODEL], **options)
+    return LongRoPESampler(space, **options)
 
 
 def pruner_for(preset: StudyPreset) -> optuna.pruners.BasePruner:
@@ -316,7 +375,7 @@ def workload_record(preset: StudyPreset, workload: Workload) -> dict[str, Any]:
     record: dict[str, Any] = {
         "model": workload.stage.model if workload.stage else preset.model.name,
         "model_revision": model_revision(workload.model),
-        "dtype": str(workload.model.dtype).removeprefix("torch."),
+        "dtype": workload.dtype,
         "original_length": workload.geometry.original_length,
         "target_length": preset.target_length,
         "data.source": data.source,
@@ -338,7 +397,9 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: RopeSearchSpace,
     """Create the study or load it to continue; the preset's space, the workload's settings
     (:func:`workload_record`) and its stage are recorded and must not change: a resume under other
     settings is a :class:`~hpo.records.StudyError` that names the first setting that differs."""
-    sampler = sampler_for(preset, space)
+    seeds = {json.dumps(space.to_params(seed), sort_keys=True)
+             for seed in workload.seeds(space, preset.search.hand_made_seeds)}
+    sampler = sampler_for(preset, space, len(seeds))
     study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
                                 pruner=pruner_for(preset), load_if_exists=True)
     record_study(study, preset.name, space, workload_record(preset, workload), workload.stage)
@@ -449,7 +510,7 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
     best value has stalled (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
     """
     n_trials = preset.search.n_trials
-    claims = open_claims(study, storage, space, workload.seeds(space))
+    claims = open_claims(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds))
     stop = stopper(preset.search, study.sampler)
     with claims.locked():
         forget_stale_stop(study, stop)
@@ -489,16 +550,22 @@ def _matching_trial_value(study: optuna.Study, space: RopeSearchSpace, factors: 
 
 
 def reference_candidates(workload: Workload, space: RopeSearchSpace) -> list[tuple[str, RopeFactors]]:
-    """What the best trial is compared with: the baselines (YaRN with the preset's betas), on top of a
-    longer stage's factors; for a short stage, no rescaling (factors 1: what the export uses within the
-    window without a short search) and the long factors."""
-    stage = workload.stage
+    """What the best trial is compared with: the baselines of :data:`REFERENCE_METHODS` (YaRN with the
+    preset's betas), on top of a longer stage's factors; for a short stage, no rescaling (factors 1: what
+    the export uses within the window without a short search) and the long factors."""
+    stage, geometry, target_length = workload.stage, workload.geometry, space.target_length
     if stage and stage.mode == "short":
-        return [("none", baseline("none", workload.model_geometry, space.target_length)),
+        return [("none", baseline("none", workload.model_geometry, target_length)),
                 (f"{stage.from_study} long factors", stage.factors)]
-    candidates = [(name, yarn(workload.geometry, space.target_length, space.yarn_beta_fast, space.yarn_beta_slow)
-                   if name == "yarn" else baseline(name, workload.geometry, space.target_length))
-                  for name in REFERENCE_METHODS]
+    betas = (space.yarn_beta_fast, space.yarn_beta_slow)
+    scaling = longrope_attention_scaling(length_scale(geometry, target_length), geometry.original_length)
+    candidates = []
+    for name in REFERENCE_METHODS:
+        if name in ("yarn", "yarn+attn"):
+            factors = yarn(geometry, target_length, *betas, attention_scaling=None if name == "yarn" else scaling)
+        else:
+            factors = baseline(name, geometry, target_length)
+        candidates.append((name, factors))
     if stage:
         return [(f"{stage.from_study} only" if name == "none" else f"{stage.from_study} + {name}", factors)
                 for name, factors in candidates]
@@ -507,11 +574,13 @@ def reference_candidates(workload: Workload, space: RopeSearchSpace) -> list[tup
 
 def compare_with_baselines(study: optuna.Study, workload: Workload, space: RopeSearchSpace) -> list[dict]:
     """Perplexity of the best trial and each reference (:func:`reference_candidates`) on the searched
-    and held-out windows; with a sweep of LongRoPE2 critical dims, also of the best trial of each
-    (before the overall best, which stays the last row).
+    and held-out windows, and of each hand-made family's tuned curve (the member of
+    :func:`~models.baselines.hand_made_curves` with the lowest searched perplexity, every member measured
+    on the searched windows); with a sweep of LongRoPE2 critical dims, also of the best trial of each
+    (before the overall best, which stays the last row). Every row says the precision it was measured in.
 
-    Each figure is stored in the study's user attrs once computed, so a resumed
-    run does not pay for it again.
+    Each figure is stored in the study's user attrs once computed (a seed's searched value is its
+    trial's), so a resumed run does not pay for it again.
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = study.best_trial
@@ -523,33 +592,52 @@ def compare_with_baselines(study: optuna.Study, workload: Workload, space: RopeS
                 top = min(trials, key=lambda t: (t.value, t.number))
                 found.append((f"critical dim {critical_dim} (trial {top.number})", top))
     found.append((f"longrope (trial {best.number})", best))
-    candidates = reference_candidates(workload, space)
-    candidates += [(name, space.to_factors(trial.params)) for name, trial in found]
     searched_values = {name: trial.value for name, trial in found}
+
+    def measured(name: str, factors: RopeFactors, split: str) -> float:
+        key = f"{split}:{name}"
+        value = study.user_attrs.get(key)
+        if value is None and split == "searched":
+            value = searched_values.get(name) or _matching_trial_value(study, space, factors)
+        if value is None:
+            value, _ = workload.fitness(factors, split=split, desc=f"{name} ({split})")
+        study.set_user_attr(key, value)
+        return value
+
+    # (row name, the name its figures are stored under, factors)
+    candidates = [(name, name, factors) for name, factors in reference_candidates(workload, space)]
+    if not workload.stage:
+        families = hand_made_curves(workload.geometry, space.target_length, space.yarn_beta_fast,
+                                    space.yarn_beta_slow)
+        for family, curves in families.items():
+            member = min(curves, key=lambda name: measured(name, curves[name], "searched"))
+            candidates.append((f"{family} tuned: {member}", member, curves[member]))
+    candidates += [(name, name, space.to_factors(trial.params)) for name, trial in found]
     rows = []
-    for name, factors in candidates:
-        row = {"method": name}
-        for split, heldout in (("searched", False), ("heldout", True)):
-            if heldout and not workload.heldout_windows:
-                continue
-            key = f"{split}:{name}"
-            value = study.user_attrs.get(key)
-            if value is None and not heldout:
-                value = searched_values.get(name) or _matching_trial_value(study, space, factors)
-            if value is None:
-                value, _ = workload.fitness(factors, heldout=heldout, desc=f"{name} ({split})")
-            study.set_user_attr(key, value)
-            row[split] = value
+    for row_name, name, factors in candidates:
+        row: dict[str, Any] = {"method": row_name}
+        for split in workload.splits:
+            row[split] = measured(name, factors, split)
+        row["dtype"] = workload.dtype
         rows.append(row)
     return rows
 
 
 def format_comparison(rows: list[dict], preset: StudyPreset) -> str:
-    splits = [s for s in ("searched", "heldout") if any(s in row for row in rows)]
+    """The comparison as a table, then how the searched factors compare with the best baseline."""
+    splits = [key for key in rows[-1] if key not in ("method", "dtype")]
     width = max(len(row["method"]) for row in rows)
-    lines = [f"perplexity at {preset.target_length:,} tokens ({preset.data.source})",
-             f"{'method':<{width}} | " + " | ".join(f"{s:>9}" for s in splits)]
+    dtype = rows[-1].get("dtype", "")
+    lines = [f"perplexity at {preset.target_length:,} tokens ({preset.data.source}, {dtype})",
+             f"{'method':<{width}} | " + " | ".join(f"{s:>{max(9, len(s))}}" for s in splits)]
     lines.append("-" * len(lines[-1]))
     for row in rows:
-        lines.append(f"{row['method']:<{width}} | " + " | ".join(f"{row.get(s, math.nan):9.3f}" for s in splits))
+        values = (f"{row.get(s, math.nan):>{max(9, len(s))}.3f}" for s in splits)
+        lines.append(f"{row['method']:<{width}} | " + " | ".join(values))
+    found = rows[-1]
+    references = [row for row in rows if not row["method"].startswith(("longrope (", "critical dim"))]
+    for split in splits:
+        rival = min(references, key=lambda row: row[split])
+        lines.append(f"{split}: {found['method']} is {100 * (found[split] / rival[split] - 1):+.1f}% against the "
+                     f"best baseline, {rival['method']}")
     return "\n".join(lines)

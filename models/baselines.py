@@ -56,9 +56,16 @@ def linear_interpolation(geometry: RopeGeometry, target_length: int, attention_s
     )
 
 
-def ntk_aware(geometry: RopeGeometry, target_length: int, attention_scaling: float = 1.0) -> RopeFactors:
-    """NTK-aware scaling: ``base' = base * s^(d/(d-2))``, i.e. ``lambda_i = s^(d/(d-2) * 2i/d)``."""
-    scale = length_scale(geometry, target_length)
+def ntk_aware(geometry: RopeGeometry, target_length: int, attention_scaling: float = 1.0,
+              effective_scale: float | None = None) -> RopeFactors:
+    """NTK-aware scaling: ``base' = base * s^(d/(d-2))``, i.e. ``lambda_i = s^(d/(d-2) * 2i/d)``.
+
+    ``effective_scale`` builds the curve for another ``s`` than ``target / original`` (its slowest pair's
+    factor is that scale): the one parameter a user tunes by hand (:func:`hand_made_curves`).
+    """
+    scale = length_scale(geometry, target_length) if effective_scale is None else effective_scale
+    if scale < 1.0:
+        raise ValueError(f"effective_scale must be >= 1, got {scale}")
     d = geometry.rotary_dim
     base_ratio = scale ** (d / (d - 2))
     return RopeFactors(
@@ -67,6 +74,7 @@ def ntk_aware(geometry: RopeGeometry, target_length: int, attention_scaling: flo
         target_length=target_length,
         attention_scaling=attention_scaling,
         method="ntk",
+        metadata={} if effective_scale is None else {"effective_scale": effective_scale},
     )
 
 
@@ -154,13 +162,49 @@ def longrope2_initial(
     )
 
 
+def _with_longrope_attention(make: Callable[..., RopeFactors]) -> Callable[[RopeGeometry, int], RopeFactors]:
+    """``make`` with LongRoPE's default attention scaling instead of its own."""
+    def with_scaling(geometry: RopeGeometry, target_length: int) -> RopeFactors:
+        scale = length_scale(geometry, target_length)
+        return make(geometry, target_length,
+                    attention_scaling=longrope_attention_scaling(scale, geometry.original_length))
+    return with_scaling
+
+
 BASELINES: dict[str, Callable[[RopeGeometry, int], RopeFactors]] = {
     "none": no_scaling,
     "pi": linear_interpolation,
     "ntk": ntk_aware,
+    "ntk+attn": _with_longrope_attention(ntk_aware),
     "yarn": yarn,
+    "yarn+attn": _with_longrope_attention(yarn),
     "longrope2-init": longrope2_initial,
 }
+# What a user tries by hand before a search (issue 17): NTK built for a larger scale than s (at 4x on
+# held-out text, NTK built for s = 6 beat NTK built for s = 4 by about 3.5%: DESIGN.md section 4), with
+# LongRoPE's attention scaling, and YaRN with other ramp bounds than the default 32/1.
+NTK_SCALE_MULTIPLIERS = (1.0, 1.25, 1.5, 2.0)
+YARN_BETAS = ((32.0, 1.0), (16.0, 1.0), (64.0, 2.0), (128.0, 2.0))
+
+
+def hand_made_curves(geometry: RopeGeometry, target_length: int, beta_fast: float = 32.0,
+                     beta_slow: float = 1.0) -> dict[str, dict[str, RopeFactors]]:
+    """The one-parameter families a user tunes by hand, by family name then curve name.
+
+    ``"ntk+attn"``: NTK-aware curves built for ``s`` times each of :data:`NTK_SCALE_MULTIPLIERS`, with
+    LongRoPE's attention scaling (the first is the ``ntk+attn`` baseline). ``"yarn"``: YaRN with the
+    given betas (the first, named ``yarn`` as the baseline) and each other pair of :data:`YARN_BETAS`.
+    A family's tuned curve is its member with the lowest perplexity on the searched windows.
+    """
+    scale = length_scale(geometry, target_length)
+    scaling = longrope_attention_scaling(scale, geometry.original_length)
+    ntk_family = {"ntk+attn" if multiplier == 1.0 else f"ntk+attn (s={multiplier * scale:g})":
+                  ntk_aware(geometry, target_length, attention_scaling=scaling, effective_scale=multiplier * scale)
+                  for multiplier in NTK_SCALE_MULTIPLIERS}
+    betas = dict.fromkeys([(float(beta_fast), float(beta_slow)), *YARN_BETAS])
+    yarn_family = {"yarn" if index == 0 else f"yarn ({fast:g}/{slow:g})": yarn(geometry, target_length, fast, slow)
+                   for index, (fast, slow) in enumerate(betas)}
+    return {"ntk+attn": ntk_family, "yarn": yarn_family}
 
 
 def baseline(name: str, geometry: RopeGeometry, target_length: int) -> RopeFactors:

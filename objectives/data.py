@@ -3,6 +3,8 @@
 A corpus is named by a source string:
 
 - ``essays``: the embedded Paul Graham essays (about 154k SmolLM2 tokens);
+- ``holmes``: the embedded held-out text of another kind, Conan Doyle's *The Adventures of
+  Sherlock Holmes* (public domain, about 130k SmolLM2 tokens), which no preset searches on;
 - a local ``.txt`` file, a directory of ``.txt`` files, a ``.jsonl`` file (one
   ``{"text": ...}`` per line) or a ``.parquet`` file (a ``text`` column);
 - ``pg19``, ``proof-pile`` or ``hf:NAME[:SPLIT]``: a Hugging Face dataset through
@@ -33,6 +35,7 @@ import torch
 from models import assets
 
 EMBEDDED_CORPUS = "essays"
+HOLMES_CORPUS = "holmes"
 HF_DATASETS = {"pg19": ("emozilla/pg19", "validation"), "proof-pile": ("hoskinson-center/proof-pile", "validation")}
 WINDOW_MODES = ("documents", "stream")
 
@@ -92,6 +95,8 @@ def load_documents(source: str) -> list[str]:
     """The documents of ``source`` (see the module docstring), in a stable order."""
     if source == EMBEDDED_CORPUS:
         return [path.read_text() for path in sorted(assets.essays_dir().glob("*.txt"))]
+    if source == HOLMES_CORPUS:
+        return [assets.holmes_text()]
     if source in HF_DATASETS:
         return _read_hf_dataset(*HF_DATASETS[source])
     if source.startswith("hf:"):
@@ -104,7 +109,8 @@ def load_documents(source: str) -> list[str]:
             raise DataError(f"directory {path} holds no .txt files")
         return [read_utf8(file) for file in files]
     if not path.is_file():
-        raise DataError(f"unknown corpus {source!r}: not '{EMBEDDED_CORPUS}', a dataset name, or an existing path")
+        raise DataError(f"unknown corpus {source!r}: not '{EMBEDDED_CORPUS}', '{HOLMES_CORPUS}', a dataset name, "
+                        "or an existing path")
     readers = {".txt": lambda p: [read_utf8(p)], ".jsonl": _read_jsonl, ".parquet": _read_parquet}
     if path.suffix not in readers:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
@@ -112,8 +118,9 @@ def load_documents(source: str) -> list[str]:
 
 
 def default_window_mode(source: str) -> str:
-    """The embedded essays are short texts and read as one stream; real corpora by document."""
-    return "stream" if source == EMBEDDED_CORPUS else "documents"
+    """The embedded texts read as one stream (the essays are short, the stories one book); real corpora by
+    document."""
+    return "stream" if source in (EMBEDDED_CORPUS, HOLMES_CORPUS) else "documents"
 
 
 def _tokenizer_key(tokenizer) -> str:

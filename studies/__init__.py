@@ -22,8 +22,10 @@ FITNESS_KINDS = ("perplexity", "needle-perplexity")
 EXTEND_MODES = ("longer", "short")
 START_TOKEN_SEARCHES = ("gene", "sweep")  # as hpo.sampler.START_TOKEN_SEARCHES (presets sit below the search)
 SEED_METHODS = ("pi", "ntk", "yarn", "yarn-linear")  # the methods of LongRoPESearchSpace.seeds (plain LongRoPE)
-# "longrope": the evolutionary sampler (hpo.sampler); the others are Optuna's (hpo.study.CURVE_SAMPLERS)
-SAMPLERS = ("longrope", "tpe", "cmaes", "gp")
+# "longrope": the evolutionary sampler (hpo.sampler); "hybrid": the same with a TPE-proposed generation 0
+# (hpo.hybrid_sampler); the others are Optuna's (hpo.study.CURVE_SAMPLERS)
+SAMPLERS = ("longrope", "tpe", "cmaes", "gp", "hybrid")
+GENETIC_SAMPLERS = ("longrope", "hybrid")  # the samplers with generations (early stopping, the n_hat sweep)
 
 
 class PresetError(ValueError):
@@ -48,6 +50,9 @@ class DataSpec:
     heldout_samples: int = 1
     heldout_first_window: int | None = None  # default: right after the searched windows
     min_tokens: int | None = None  # documents mode: only documents this long (the reference's --dataset-min-tokens)
+    # A second held-out set, of another kind of text, for the comparison only ("holmes": embedded stories).
+    heldout_text: str | None = None
+    heldout_text_samples: int = 1
 
     @property
     def heldout_start(self) -> int:
@@ -65,7 +70,8 @@ class SearchSpec:
     n_trials: int = 64
     # "longrope": LongRoPE's evolutionary search over every pair's factor (the settings population .. mutants_of
     # below are its own). "tpe", "cmaes", "gp": Optuna's samplers over a family of monotone factor curves with
-    # `curve_knots` knots (hpo/curve_space.py), up to max_factor.
+    # `curve_knots` knots (hpo/curve_space.py), up to max_factor. "hybrid": the evolutionary search whose
+    # generation 0 (`population` trials, seeds included) is proposed by TPE over those curves.
     sampler: str = "longrope"
     curve_knots: int = 4
     population: int = 64
@@ -83,6 +89,9 @@ class SearchSpec:
     yarn_beta_slow: float = 1.0  # Mistral in the reference: 2
     start_token_search: str = "gene"  # n_hat mutates like the factors; "sweep": the reference's try-and-keep rule
     mutants_of: tuple[str, ...] = ("pi", "ntk", "yarn")  # generation 0's mutants (paper); reference: ["yarn-linear"]
+    # Also open the search with the curves a user makes by hand (models.baselines.hand_made_curves: NTK built for
+    # larger scales and YaRN with other betas, with LongRoPE's attention scaling); the paper presets do not.
+    hand_made_seeds: bool = True
     seed: int = 0
     # Multi-fidelity pruning (hpo/pruning.py): a trial is measured window by window and stopped once its
     # running perplexity is behind the `pruning_rank` (default `parents`) best complete trials at the same step
@@ -237,7 +246,7 @@ def _checked(preset: StudyPreset) -> StudyPreset:
         problems.append(f"search.length_scale must be a number > 1, got {search.length_scale!r}")
     if search.sampler not in SAMPLERS:
         problems.append(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {search.sampler!r}")
-    elif search.sampler != "longrope" and search.critical_dim != 0:
+    elif search.sampler != "longrope" and search.critical_dim != 0:  # hybrid: its curves span every pair too
         # LongRoPE2's space is per pair (the curves span every pair): an error, not a silently ignored setting
         problems.append(f"search.critical_dim (LongRoPE2) needs sampler = 'longrope'; {search.sampler!r} "
                         f"searches monotone curves over every pair")
@@ -272,7 +281,7 @@ def _checked(preset: StudyPreset) -> StudyPreset:
     if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
         problems.append(f"search.early_stop_generations must be a positive integer (or absent: off), "
                         f"got {patience!r}")
-    for name in ("samples", "heldout_samples"):
+    for name in ("samples", "heldout_samples", "heldout_text_samples"):
         value = getattr(preset.data, name)
         if not isinstance(value, int) or value < 0 or (name == "samples" and value == 0):
             problems.append(f"data.{name} must be a positive integer, got {value!r}")

@@ -10,8 +10,10 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.baselines import (
+    NTK_SCALE_MULTIPLIERS,
     baseline,
     critical_dimension,
+    hand_made_curves,
     linear_interpolation,
     longrope2_initial,
     longrope_attention_scaling,
@@ -108,3 +110,21 @@ def test_yarn_with_factors_blended_linearly_as_the_reference_seed():
 def test_unknown_baseline():
     with pytest.raises(ValueError, match="unknown method 'rope'"):
         baseline("rope", SMOLLM2, 16384)
+
+
+def test_ntk_built_for_another_scale_tops_out_at_that_scale():
+    factors = ntk_aware(SMOLLM2, 32768, effective_scale=6.0).rescale_factors
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(6.0) and is_monotone(factors)
+    assert ntk_aware(SMOLLM2, 32768, effective_scale=4.0) == ntk_aware(SMOLLM2, 32768)
+    with pytest.raises(ValueError, match="effective_scale"):
+        ntk_aware(SMOLLM2, 32768, effective_scale=0.5)
+
+
+def test_hand_made_families_start_with_the_named_baselines():
+    families = hand_made_curves(SMOLLM2, 32768, beta_fast=64.0, beta_slow=2.0)
+    ntk_family, yarn_family = families["ntk+attn"], families["yarn"]
+    assert ntk_family["ntk+attn"] == baseline("ntk+attn", SMOLLM2, 32768)
+    assert baseline("ntk+attn", SMOLLM2, 32768).attention_scaling == longrope_attention_scaling(4.0, 8192)
+    assert [f.rescale_factors[-1] for f in ntk_family.values()] == pytest.approx([4 * m for m in NTK_SCALE_MULTIPLIERS])
+    assert yarn_family["yarn"] == yarn(SMOLLM2, 32768, 64.0, 2.0)  # the preset's betas first, never twice
+    assert len(yarn_family) == 4 and "yarn (32/1)" in yarn_family and "yarn (64/2)" not in yarn_family

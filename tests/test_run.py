@@ -24,7 +24,7 @@ from hpo.sampler import LongRoPESampler
 from hpo.search_space import LongRoPESearchSpace
 from models.loading import pick_dtype
 from models.rope import RopeFactors
-from studies import load_preset
+from studies import PRESET_DIR, load_preset
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -263,9 +263,10 @@ def test_a_resume_under_other_data_settings_is_refused_with_one_line(tmp_path, c
         assert main([*base, "--n-trials", "6", *changed]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and line in err, err
-    assert len(load_study(tmp_path).trials) == 4  # nothing was run under the other settings
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert len(load_study(tmp_path).get_trials(states=finished)) == 4  # nothing was run under the other settings
     assert main([*base, "--n-trials", "6"]) == 0  # the same settings continue
-    assert len(load_study(tmp_path).trials) == 6
+    assert len(load_study(tmp_path).get_trials(states=finished)) == 6
 
 
 def test_ctrl_c_in_a_trial_requeues_it_at_once_and_the_rerun_runs_it_first(tmp_path, monkeypatch, capsys):
@@ -348,3 +349,25 @@ def test_a_signal_while_a_trial_is_claimed_still_ends_that_trial(tmp_path, monke
     assert not [t for t in trials if t.state.name == "RUNNING"]
     assert trials[5].state.name == "FAIL" and trials[5].user_attrs["interrupted"] is True
     assert [t.system_attrs["failed_trial"] for t in trials if t.state.name == "WAITING"] == [5]
+
+
+def test_hand_made_curves_open_the_search_and_their_tuned_members_are_rows(tmp_path, capsys):
+    """NTK built for larger scales and YaRN with other betas are seeds; each family's best searched member is
+    a row, with the precision it was measured in, and the summary line names the best baseline."""
+    preset = tmp_path / "tiny_hand_made.toml"
+    preset.write_text((PRESET_DIR / "tiny.toml").read_text().replace("hand_made_seeds = false", "")
+                      .replace("n_trials = 16", "n_trials = 20"))
+    assert main(["--study", str(preset), "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="tiny_hand_made", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    seeds = [t for t in study.trials if "seed" in t.user_attrs]
+    assert len(seeds) > 4 and all(generation(t) == 0 for t in seeds)  # generation 0 grew to hold them all
+    rows = {row["method"]: row for row in json.loads((tmp_path / "results.json").read_text())["comparison"]}
+    assert {"ntk+attn", "yarn+attn", "longrope2-init"} <= set(rows)
+    assert all(row["dtype"] == "float32" for row in rows.values())
+    for family in ("ntk+attn", "yarn"):
+        (tuned,) = [name for name in rows if name.startswith(f"{family} tuned: ")]
+        members = [value for key, value in study.user_attrs.items()
+                   if key == f"searched:{family}" or key.startswith(f"searched:{family} (")]
+        assert rows[tuned]["searched"] == min(members) and len(members) == 4
+    assert "against the best baseline" in out and "(essays, float32)" in out

@@ -25,7 +25,8 @@ from hpo.curve_space import (
 )
 from hpo.early_stopping import stopper
 from hpo.export import main as export_main
-from hpo.records import search_space_from_record
+from hpo.hybrid_sampler import HybridSampler
+from hpo.records import search_space_from_record, trial_generation
 from hpo.run import main
 from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
 from hpo.study import CURVE_SAMPLERS, TrialSeededSampler, sampler_for
@@ -207,12 +208,14 @@ def test_a_study_cannot_be_resumed_in_the_other_space(tmp_path, capsys) -> None:
     assert report_main(["--study", "tiny", "--out", str(tmp_path), "--html", str(tmp_path / "report.html")]) == 0
 
 
-def test_tpe_prunes_with_the_parent_pruner(tmp_path) -> None:
+@pytest.mark.parametrize("sampler", ["tpe", "hybrid"])
+def test_tpe_prunes_with_the_parent_pruner(tmp_path, sampler) -> None:
     preset = tmp_path / "tiny_tpe_pruning.toml"
     preset.write_text(
         'target_length = 256\n[model]\nname = "tiny-random-llama"\ndtype = "float32"\n'
         "[data]\nsamples = 3\nheldout_samples = 1\n"
-        '[search]\nsampler = "tpe"\nn_trials = 14\nparents = 3\nstart_tokens = [0, 2, 4]\n'
+        f'[search]\nsampler = "{sampler}"\nn_trials = 14\npopulation = 6\nparents = 3\nmutants = 2\n'
+        "crossovers = 2\nhand_made_seeds = false\nstart_tokens = [0, 2, 4]\n"
         "attention_scaling = [1.0, 1.3]\npruning = true\npruning_margin = 0.0\n"
     )
     assert main(["--study", str(preset), "--out", str(tmp_path), "--quiet"]) == 0
@@ -226,9 +229,10 @@ def test_tpe_prunes_with_the_parent_pruner(tmp_path) -> None:
     assert all(len(t.intermediate_values) == 3 for t in trials[:3])  # the first `parents` are measured in full
 
 
-def test_two_processes_share_a_tpe_study(tmp_path) -> None:
+@pytest.mark.parametrize("sampler", ["tpe", "hybrid"])
+def test_two_processes_share_a_tpe_study(tmp_path, sampler) -> None:
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    workers = [subprocess.Popen([sys.executable, "-m", "hpo.run", "--study", "tiny", "--sampler", "tpe",
+    workers = [subprocess.Popen([sys.executable, "-m", "hpo.run", "--study", "tiny", "--sampler", sampler,
                                  "--storage", storage, "--out", str(tmp_path / name), "--n-trials", "12", "--quiet"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
     for worker in workers:
@@ -239,3 +243,39 @@ def test_two_processes_share_a_tpe_study(tmp_path) -> None:
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 12
     assert sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs) == ["ntk", "pi", "yarn",
                                                                                       "yarn-linear"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hybrid sampler: a model-based generation 0, then the GA
+
+
+def test_hybrid_fills_generation_0_with_model_curves_and_breeds_from_them(tmp_path) -> None:
+    base = ["--study", "tiny", "--sampler", "hybrid", "--out", str(tmp_path), "--quiet"]
+    assert main([*base, "--n-trials", "12"]) == 0
+    study = load_study(tmp_path)
+    before = study.trials
+    assert study.user_attrs["search_space"]["kind"] == "longrope"  # the readers see the GA's per-pair space
+    generations = [trial_generation(t) for t in before]
+    first = [t for t, g in zip(before, generations, strict=True) if g == 0]
+    assert len(first) == 6 and [t.user_attrs.get("seed") for t in first[:4]] == ["pi", "ntk", "yarn", "yarn-linear"]
+    for trial in first[4:]:  # a curve of the family, stored per pair
+        assert trial.system_attrs["LongRoPESampler:role"] == "model"
+        factors = [trial.params[f"factor_{dim:02d}"] for dim in range(8)]
+        assert factors == sorted(factors)
+    later = [t for t, g in zip(before, generations, strict=True) if g > 0]
+    assert later and {t.system_attrs["LongRoPESampler:role"] for t in later} <= {"mutant", "crossover"}
+    numbers = {t.number for t in first}
+    assert all(set(t.system_attrs["LongRoPESampler:parents"]) <= numbers for t in later if trial_generation(t) == 1)
+    # resumed in another process, it continues the same study with the same proposals as one run would
+    assert main([*base, "--n-trials", "14"]) == 0
+    resumed = load_study(tmp_path).trials
+    assert len(resumed) == 14 and [t.params for t in resumed[:12]] == [t.params for t in before]
+
+
+def test_hybrid_refuses_longrope2_and_a_curve_space_of_another_window() -> None:
+    with pytest.raises(PresetError, match="needs sampler = 'longrope'"):
+        load_preset("llama3_128k").replace(search__sampler="hybrid")
+    space = LongRoPESearchSpace(num_factors=8, original_length=1000, target_length=4000)
+    with pytest.raises(ValueError, match="must share the search space's"):
+        HybridSampler(space, MonotoneCurveSpace(num_factors=8, original_length=1000, target_length=8000),
+                      CURVE_SAMPLERS["tpe"])
