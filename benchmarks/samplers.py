@@ -86,12 +86,11 @@ def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Pat
     return Run(sampler, seed, preset, study, full_steps)
 
 
-def spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3g}"
-    return f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+def spread(values: list[float], digits: int) -> str:
+    """``mean (min-max)``, or the one value, or ``-`` for none."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "-"
+    return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     for sampler in samplers:
         bests = [runs[sampler, seed].best for seed in seeds]
         heldouts = [runs[sampler, seed].heldout(workload) for seed in seeds] if workload.heldout_windows else []
-        print(f"| {sampler} | {spread(bests)} | {spread(heldouts)} | {spread(shares[sampler])} "
+        print(f"| {sampler} | {spread(bests, 4)} | {spread(heldouts, 4)} | {spread(shares[sampler], 2)} "
               f"| {len(shares[sampler])}/{len(seeds)} |")
     if args.html:
         figure = convergence([result.study for result in runs.values()])

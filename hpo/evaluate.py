@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
     lengths = args.lengths or ([geometry.original_length, found.target_length] if found else DEFAULT_LENGTHS)
 
     rows = []
+    dtype = str(model.dtype).removeprefix("torch.")  # every row says the precision it was measured in
     bar = tqdm(total=len(lengths) * len(tasks) * (len(methods) + len(extra)), desc="evaluations", unit="eval",
                disable=args.no_progress)
     for length in lengths:
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
                 with patched(model, factors) if factors else nullcontext():
                     new_rows = measure(name)
                 for row in new_rows:
+                    row.dtype = dtype
                     logger.info("%s", describe(row))
                 rows += new_rows
                 bar.update(1)
@@ -262,6 +264,9 @@ def format_table(rows: list[EvaluationRow]) -> str:
         else:
             cells = {(r.method, r.length): f"{r.perplexity:8.2f} ({r.seconds:6.1f}s)" for r in task_rows}
             title = f"{task}: perplexity (seconds)"
+        precisions = sorted({row.dtype for row in task_rows if row.dtype})
+        if precisions:
+            title += f", {'/'.join(precisions)}"
         lengths = sorted({length for _, length in cells})
         methods = list(dict.fromkeys(method for method, _ in cells))
         width = max(len(m) for m in methods + ["method"])

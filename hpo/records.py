@@ -689,7 +689,8 @@ def interrupt_trial(study: optuna.Study, trial: optuna.Trial) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation tables (python -m hpo.evaluate writes them, the dashboards read them)
 
-RESULT_COLUMNS = ("method", "task", "length", "depth", "perplexity", "accuracy", "seconds", "tokens", "windows")
+RESULT_COLUMNS = ("method", "task", "length", "depth", "perplexity", "accuracy", "seconds", "tokens", "windows",
+                  "dtype")
 
 
 @dataclass
@@ -698,7 +699,7 @@ class EvaluationRow:
 
     ``perplexity`` is set for ``ppl`` and ``needle-ppl``, ``accuracy`` and ``depth``
     (the centre of the depth bin, 0 = top of the context) for ``passkey``; the
-    others are None. ``windows`` counts the windows or prompts measured.
+    others are None. ``windows`` counts the windows or prompts measured, ``dtype`` the precision.
     """
 
     method: str
@@ -710,6 +711,7 @@ class EvaluationRow:
     perplexity: float | None = None
     accuracy: float | None = None
     depth: float | None = None
+    dtype: str | None = None  # the precision the model ran in ("float32", "bfloat16"...)
 
 
 def results_frame(rows: list[EvaluationRow]) -> pd.DataFrame:

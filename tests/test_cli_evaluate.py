@@ -25,13 +25,15 @@ def evaluate(*args: str) -> subprocess.CompletedProcess:
 def test_table_and_json_with_a_factor_file(tmp_path):
     factor_file = yarn(RopeGeometry(64, 100000.0, 128), 256).save(tmp_path / "yarn_copy.json")
     out = tmp_path / "results.json"
-    result = evaluate(*SHORT, "--methods", "none,pi,yarn", "--factors", str(factor_file), "--json", str(out))
+    result = evaluate(*SHORT, "--methods", "none,pi,yarn", "--factors", str(factor_file), "--json", str(out),
+                      "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     for method in ("none", "pi", "yarn", "yarn_copy"):
         assert method in result.stdout
     rows = {row["method"]: row for row in json.loads(out.read_text())["results"]}
     assert set(rows) == {"none", "pi", "yarn", "yarn_copy"}
     assert all(row["length"] == 256 and row["windows"] == 2 and row["tokens"] == 2 * 255 for row in rows.values())
+    assert all(row["dtype"] == "float32" for row in rows.values()) and "perplexity (seconds), float32" in result.stdout
     assert rows["yarn_copy"]["perplexity"] == pytest.approx(rows["yarn"]["perplexity"], rel=1e-6)
     assert rows["pi"]["perplexity"] != pytest.approx(rows["none"]["perplexity"], rel=1e-6)
 

@@ -85,6 +85,13 @@ def test_embedded_essays_are_real_text():
     assert "startup" in " ".join(documents).lower()
 
 
+def test_the_embedded_stories_are_the_book_without_its_licence():
+    """The second held-out text: Sherlock Holmes from a PyPI wheel, the Gutenberg header and footer cut off."""
+    (book,) = load_documents("holmes")
+    assert "SHERLOCK HOLMES" in book[:200] and "Walsall" in book[-200:] and len(book) > 500_000
+    assert "PROJECT GUTENBERG" not in book.upper() and "War and Peace" not in book
+
+
 def test_min_tokens_keeps_only_long_documents_like_the_reference():
     # documents of 50, 10, 40, 30 tokens; windows of BOS + 19 need 19, min_tokens raises the bar to 35
     windows = token_windows(streams(50, 10, 40, 30), length=20, samples=2, bos_token_id=7, mode="documents",
