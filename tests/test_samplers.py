@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -279,3 +281,25 @@ def test_hybrid_refuses_longrope2_and_a_curve_space_of_another_window() -> None:
     with pytest.raises(ValueError, match="must share the search space's"):
         HybridSampler(space, MonotoneCurveSpace(num_factors=8, original_length=1000, target_length=8000),
                       CURVE_SAMPLERS["tpe"])
+
+
+def test_the_sampler_benchmark_compares_over_seeds_and_replays_its_studies(tmp_path, monkeypatch, capsys) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_samplers", Path(__file__).parents[1] / "benchmarks" / "samplers.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks its module up
+    spec.loader.exec_module(bench)
+    args = ["--study", "tiny", "--n-trials", "8", "--samplers", "longrope,tpe", "--seeds", "0,1",
+            "--out", str(tmp_path), "--html", str(tmp_path / "convergence.html")]
+    bench.main(args)
+    first = capsys.readouterr().out
+    rows = [line for line in first.splitlines() if line.startswith(("| longrope |", "| tpe |"))]
+    assert len(rows) == 6  # a row per sampler and seed, then one per sampler
+    for seed in (0, 1):  # the reference reaches its own best within its run
+        (row,) = [line for line in rows if line.startswith(f"| longrope | {seed} |")]
+        assert 0 < float(row.split("|")[7]) <= 1
+    assert (tmp_path / "convergence.html").read_text().count("tiny-tpe-seed1") > 0
+    bench.main(args)  # a replay: the finished studies are read, not run again
+    assert capsys.readouterr().out == first
+    for name in ("tiny-longrope-seed0", "tiny-tpe-seed1"):
+        assert len(optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials) == 8
