@@ -47,6 +47,7 @@ from hpo.records import (
     interrupt_trial,
     interrupts_held,
     record_study,
+    seed_records,
     stage_for,
     worker_name,
 )
@@ -396,13 +397,18 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: RopeSearchSpace,
                workload: Workload) -> optuna.Study:
     """Create the study or load it to continue; the preset's space, the workload's settings
     (:func:`workload_record`) and its stage are recorded and must not change: a resume under other
-    settings is a :class:`~hpo.records.StudyError` that names the first setting that differs."""
-    seeds = {json.dumps(space.to_params(seed), sort_keys=True)
-             for seed in workload.seeds(space, preset.search.hand_made_seeds)}
-    sampler = sampler_for(preset, space, len(seeds))
-    study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize", sampler=sampler,
-                                pruner=pruner_for(preset), load_if_exists=True)
+    settings is a :class:`~hpo.records.StudyError` that names the first setting that differs.
+
+    The sampler is sized for the seeds the study opened with (:func:`~hpo.records.seed_records`), or for
+    those it will open with, so a resumed study keeps its generations whatever the seeds are now.
+    """
+    study = optuna.create_study(study_name=preset.name, storage=storage, direction="minimize",
+                                sampler=optuna.samplers.RandomSampler(), pruner=pruner_for(preset),
+                                load_if_exists=True)
     record_study(study, preset.name, space, workload_record(preset, workload), workload.stage)
+    params = [record["params"] for record in seed_records(study)] or [
+        space.to_params(seed) for seed in workload.seeds(space, preset.search.hand_made_seeds)]
+    study.sampler = sampler_for(preset, space, len({json.dumps(p, sort_keys=True) for p in params}))
     return study
 
 

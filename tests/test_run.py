@@ -371,3 +371,14 @@ def test_hand_made_curves_open_the_search_and_their_tuned_members_are_rows(tmp_p
                    if key == f"searched:{family}" or key.startswith(f"searched:{family} (")]
         assert rows[tuned]["searched"] == min(members) and len(members) == 4
     assert "against the best baseline" in out and "(essays, float32)" in out
+
+
+def test_a_resumed_study_keeps_its_generation_0_when_the_seeds_change(tmp_path):
+    """The sampler is sized from the seeds the study opened with, not from those the preset would add now."""
+    assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "4", "--quiet"]) == 0
+    preset = tmp_path / "tiny.toml"
+    preset.write_text((PRESET_DIR / "tiny.toml").read_text().replace("hand_made_seeds = false", ""))
+    assert main(["--study", str(preset), "--out", str(tmp_path), "--n-trials", "10", "--quiet"]) == 0
+    trials = load_study(tmp_path).trials
+    assert [generation(t) for t in trials] == [0] * 6 + [1] * 4  # population 6, as the study began
+    assert sum("seed" in t.user_attrs for t in trials) == 4
