@@ -25,7 +25,8 @@ MODEL = "model"  # the role of a generation-0 trial that the model-based sampler
 class HybridSampler(LongRoPESampler):
     """:class:`~hpo.sampler.LongRoPESampler` whose generation 0 is proposed by a model-based sampler.
 
-    Generation 0 holds ``population_size`` trials: the enqueued seeds, then one proposal per trial of
+    Generation 0 holds ``population_size`` trials (:func:`hpo.study.sampler_for` makes it the number of
+    seeds plus ``[search] population``): the enqueued seeds, then one proposal per trial of
     ``make_model_sampler(seed + trial number)`` over ``curve_space``, each stored as the per-pair
     parameters of ``search_space`` (role ``"model"``, no parents). Later generations are the GA's.
 

@@ -340,7 +340,8 @@ def sampler_for(preset: StudyPreset, space: RopeSearchSpace, seeds: int = 0) -> 
     """The preset's ``[search] sampler`` over ``space`` (:func:`search_space_for` made for that sampler).
 
     The evolutionary sampler's generation 0 grows to hold all ``seeds`` (distinct enqueued trials) when
-    they outnumber ``[search] population``, so that it breeds from all of them.
+    they outnumber ``[search] population``, so that it breeds from all of them; the hybrid's is the seeds
+    and then ``population`` model proposals.
     """
     search = preset.search
     if search.sampler in CURVE_SAMPLERS:
@@ -353,9 +354,10 @@ def sampler_for(preset: StudyPreset, space: RopeSearchSpace, seeds: int = 0) -> 
                    num_mutants=search.mutants, num_crossovers=search.crossovers,
                    mutation_prob=search.mutation_prob, crossover_prob=search.crossover_prob,
                    seed=search.seed, start_token_search=search.start_token_search, mutants_of=search.mutants_of)
-    if search.sampler == "hybrid":
+    if search.sampler == "hybrid":  # the model phase is `population` trials after the seeds
         curves = curve_space_for(search, space.num_factors, space.original_length, space.target_length, space.upper)
-        return HybridSampler(space, curves, CURVE_SAMPLERS[HYBRID_MODEL], **options)
+        return HybridSampler(space, curves, CURVE_SAMPLERS[HYBRID_MODEL],
+                             **{**options, "population_size": seeds + search.population})
     return LongRoPESampler(space, **options)
 
 

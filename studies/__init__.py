@@ -71,7 +71,7 @@ class SearchSpec:
     # "longrope": LongRoPE's evolutionary search over every pair's factor (the settings population .. mutants_of
     # below are its own). "tpe", "cmaes", "gp": Optuna's samplers over a family of monotone factor curves with
     # `curve_knots` knots (hpo/curve_space.py), up to max_factor. "hybrid": the evolutionary search whose
-    # generation 0 (`population` trials, seeds included) is proposed by TPE over those curves.
+    # generation 0 is the seeds and then `population` trials proposed by TPE over those curves.
     sampler: str = "longrope"
     curve_knots: int = 4
     population: int = 64

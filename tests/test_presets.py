@@ -49,11 +49,14 @@ def test_pruning_is_on_where_several_searched_windows_pay_for_it():
     for name in ("llama2_16k", "llama2_32k", "mistral_32k", "llama3_128k"):
         search = load_preset(name).search
         assert search.pruning and search.pruning_margin == 0.01 and search.pruning_prefixes == ()
-    for name in ("smollm2_16k", "smollm2_32k", "tiny"):
+    for name in ("smollm2_16k", "tiny"):
         assert not load_preset(name).search.pruning
     strict = load_preset("smollm2_16k_pruned").search  # the embedded model on 5 windows, as benchmarked
     assert load_preset("smollm2_16k_pruned").data.samples == 5 and strict.pruning
     assert (strict.pruning_rank, strict.pruning_margin, strict.pruning_prefixes) == (1, 0.0, (0.25,))
+    at_4x = load_preset("smollm2_32k").search  # its rung reads 16k tokens: already 2x past the window
+    assert load_preset("smollm2_32k").data.samples == 2 and at_4x.pruning
+    assert (at_4x.pruning_rank, at_4x.pruning_margin, at_4x.pruning_prefixes) == (1, 0.0, (0.5,))
     preset = load_preset("tiny").replace(search__pruning=True, search__pruning_prefixes=(0.25, 0.5))
     assert preset.search.pruning and preset.search.pruning_prefixes == (0.25, 0.5)
 

@@ -30,6 +30,7 @@ samples = 3
 heldout_samples = 1
 [search]
 n_trials = 20
+hand_made_seeds = false
 population = 6
 parents = 3
 mutants = 2

@@ -259,7 +259,8 @@ def test_hybrid_fills_generation_0_with_model_curves_and_breeds_from_them(tmp_pa
     assert study.user_attrs["search_space"]["kind"] == "longrope"  # the readers see the GA's per-pair space
     generations = [trial_generation(t) for t in before]
     first = [t for t, g in zip(before, generations, strict=True) if g == 0]
-    assert len(first) == 6 and [t.user_attrs.get("seed") for t in first[:4]] == ["pi", "ntk", "yarn", "yarn-linear"]
+    assert len(first) == 4 + 6 and [t.user_attrs.get("seed") for t in first[:4]] == ["pi", "ntk", "yarn",
+                                                                                      "yarn-linear"]
     for trial in first[4:]:  # a curve of the family, stored per pair
         assert trial.system_attrs["LongRoPESampler:role"] == "model"
         factors = [trial.params[f"factor_{dim:02d}"] for dim in range(8)]
