@@ -207,10 +207,9 @@ class Workload:
             splits[f"heldout:{source}"] = (windows, masks)
         return splits
 
-    def fitness(self, factors: RopeFactors, heldout: bool = False, desc: str = "trial",
-                split: str | None = None) -> tuple[float, list[float]]:
-        """Perplexity of ``factors`` on the searched windows, the held-out ones, or any of :attr:`splits`."""
-        windows, masks = self.splits[split or ("heldout" if heldout else "searched")]
+    def fitness(self, factors: RopeFactors, split: str = "searched", desc: str = "trial") -> tuple[float, list[float]]:
+        """Perplexity of ``factors`` on one of :attr:`splits` (by default the searched windows)."""
+        windows, masks = self.splits[split]
         result = self._perplexity(factors, windows, masks, desc)
         return result.perplexity, result.window_perplexities
 
