@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hpo import evaluate
-from models.loading import DEFAULT_MODEL, cpu_supports_bf16, load_model
+from models.loading import DEFAULT_MODEL, load_model
 from objectives.data import load_windows
 from objectives.perplexity import window_nll
 
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"native bf16: {cpu_supports_bf16()}, torch {torch.__version__}")
+          f"torch {torch.__version__}")
     started = time.perf_counter()
     rows = evaluate.run(evaluate.build_parser().parse_args(
         ["--model", args.model, "--methods", args.methods, "--lengths", args.lengths, "--samples", "1",

@@ -26,8 +26,8 @@ def add_dtype_argument(parser: argparse.ArgumentParser, default: str | None, wha
     """``--dtype``, the same in every command; :func:`checked_dtype` checks it inside the command's error handling."""
     parser.add_argument("--dtype", default=default, metavar="DTYPE",
                         help=f"{what}: {', '.join(DTYPE_CHOICES)}. The LongRoPE reference evaluates in fp16 "
-                             "(float16); auto is bf16 where the hardware computes it natively (most GPUs, "
-                             "AVX512-BF16 CPUs), else fp32")
+                             "(float16); auto is bf16 on GPUs that compute it natively, and on a CPU the type "
+                             "measured fastest for the model (a probe of a few seconds, cached per machine)")
 
 
 def checked_dtype(dtype: str | None) -> str | None:

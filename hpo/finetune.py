@@ -64,10 +64,11 @@ from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
 from hpo.records import StorageError, StudyError, stage_for, study_dir, study_factors
 from models.assets import AssetError
 from models.export import save_extended_model
-from models.loading import ModelLoadError, load_model, pick_device, pick_dtype
+from models.loading import ModelLoadError, load_model, pick_attention, pick_device, pick_dtype
 from models.patch import apply_factors
 from models.rope import FactorError, RopeFactors, RopeGeometry, warn_if_other_window
 from objectives.data import DataError, default_window_mode, load_documents, tokenize_documents
+from objectives.perplexity import window_nll
 from studies import PresetError, StudyPreset, load_preset
 
 logger = logging.getLogger("hpo.finetune")
@@ -296,16 +297,19 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
-@torch.no_grad()
-def heldout_loss(model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor, device: torch.device) -> float:
-    """Mean next-token loss over the held-out rows (one row per forward), with the RoPE the model has now."""
+def heldout_loss(model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor) -> float:
+    """Mean next-token loss over the held-out rows (one row per forward), with the RoPE the model has now.
+
+    Scored through the chunked loss of :func:`objectives.perplexity.window_nll`: a row's full logits would
+    take GBs at long lengths. The first token of each packed document is not scored, as in training.
+    """
     model.eval()
     nll, count = 0.0, 0
     for row in range(len(tokens)):
         inputs = model_inputs(tokens[row:row + 1], starts[row:row + 1])
-        scored = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
-        loss = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).loss
-        nll += loss.item() * scored
+        row_nll, scored = window_nll(model, inputs["input_ids"], score_mask=~starts[row],
+                                     position_ids=inputs["position_ids"])
+        nll += row_nll
         count += scored
     model.train()
     return nll / count
@@ -326,18 +330,20 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
     out_dir, started = Path(out_dir), time.perf_counter()
     run_dir = out_dir / "finetune"
     device = pick_device(preset.model.device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[pick_dtype(tune.dtype, device)],
-                              gradient_accumulation_steps=tune.gradient_accumulation,
-                              step_scheduler_with_optimizer=False)  # the schedule counts optimizer steps
-    set_seed(tune.seed)
     stage = stage_for(preset)
     if stage and stage.mode == "short":
         raise FinetuneError(f"study {preset.name!r} searched short factors for the model of "
                             f"{stage.from_study!r}; fine-tune that study (its long factors) instead")
     model_name = stage.model if stage else preset.model.name  # a longer stage trains the earlier stage's model
-    # fp32 master weights; bf16 (where native) comes from Accelerate's autocast
-    model, tokenizer = load_model(model_name, dtype="float32", device=str(accelerator.device),
-                                  attn_implementation=preset.model.attn)
+    # fp32 master weights, loaded on the CPU (Accelerate places them); a lower precision (auto: the
+    # type measured fastest for this model's shapes) comes from Accelerate's autocast
+    model, tokenizer = load_model(model_name, dtype="float32", device="cpu",
+                                  attn_implementation=pick_attention(preset.model.attn, device))
+    precision = pick_dtype(tune.dtype, device, model.config)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[precision],
+                              gradient_accumulation_steps=tune.gradient_accumulation,
+                              step_scheduler_with_optimizer=False)  # the schedule counts optimizer steps
+    set_seed(tune.seed)
     geometry = RopeGeometry.from_config(model.config)
     factors.validate(geometry)
     warn_if_other_window(factors, preset.model.original_length or geometry.original_length)
@@ -389,7 +395,8 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
 
     def evaluate() -> None:
         apply_factors(raw_model, factors)
-        state.evals.append([state.step, heldout_loss(model, heldout_tokens, heldout_starts, accelerator.device)])
+        with accelerator.autocast():  # the unwrapped model's decoder runs outside the prepared forward's autocast
+            state.evals.append([state.step, heldout_loss(raw_model, heldout_tokens, heldout_starts)])
         logger.info("step %d: held-out loss %.4f (perplexity %.2f)", state.step, state.evals[-1][1],
                     math.exp(state.evals[-1][1]))
 

@@ -36,6 +36,7 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 
 from models import assets
+from models.precision import fastest_cpu_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,6 @@ FULL_LAYER = "full_attention"
 
 class ModelLoadError(RuntimeError):
     """The asked model could not be loaded; the message says why and what to pass instead."""
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -74,14 +66,16 @@ def pick_device(device: str = "auto") -> torch.device:
     return chosen
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 where the hardware computes it natively, fp32 otherwise."""
+def pick_dtype(dtype: str, device: torch.device, config: PretrainedConfig | None = None) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that computes it natively, else fp32; on a CPU, given the model's ``config``,
+    it is the type measured to run that model's layer fastest (:func:`models.precision.fastest_cpu_dtype`),
+    and fp32 before the config is read (what :func:`load_model` loads in before it measures)."""
     if dtype == "auto":
         if device.type == "cuda":
-            native = torch.cuda.is_bf16_supported()
-        else:
-            native = device.type == "cpu" and cpu_supports_bf16()
-        return torch.bfloat16 if native else torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cpu" and config is not None:
+            return fastest_cpu_dtype(config)
+        return torch.float32
     choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in choices:
@@ -300,6 +294,25 @@ def model_revision(model: PreTrainedModel) -> str | None:
     return f"files-sha256:{digest.hexdigest()[:16]}"
 
 
+def _load_any(name_or_path: str, local: Path, torch_dtype: torch.dtype,
+              attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load from a GGUF file, a transformers directory or the hub, whichever ``name_or_path`` names."""
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelLoadError(f"GGUF file {local} does not exist")
+        return _load_gguf(local, torch_dtype, attn)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{local} is not a loadable transformers model directory: it has no config.json")
+        try:
+            return _load_pretrained(str(local), torch_dtype, attn)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"{local} is not a loadable transformers model directory: {error}") from None
+    if name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id (org/name)
+        raise ModelLoadError(f"no such model directory or file: {name_or_path}")
+    return _load_from_hub(name_or_path, torch_dtype, attn)
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -315,26 +328,17 @@ def load_model(
     searched, evaluated, fine-tuned and exported attends to the whole context.
     """
     target_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, target_device)
     attn = pick_attention(attn_implementation, target_device)
     local = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS:
         local = _embedded_model_dir(name_or_path)
-    if local.suffix == ".gguf":
-        if not local.is_file():
-            raise ModelLoadError(f"GGUF file {local} does not exist")
-        model, tokenizer = _load_gguf(local, torch_dtype, attn)
-    elif local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{local} is not a loadable transformers model directory: it has no config.json")
-        try:
-            model, tokenizer = _load_pretrained(str(local), torch_dtype, attn)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"{local} is not a loadable transformers model directory: {error}") from None
-    elif name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id (org/name)
-        raise ModelLoadError(f"no such model directory or file: {name_or_path}")
-    else:
-        model, tokenizer = _load_from_hub(name_or_path, torch_dtype, attn)
+    torch_dtype = pick_dtype(dtype, target_device)
+    model, tokenizer = _load_any(name_or_path, local, torch_dtype, attn)
+    measured = pick_dtype(dtype, target_device, model.config)  # a CPU's auto, now that the shapes are known
+    if measured != torch_dtype:  # load again rather than cast: a cast would round the fp32 RoPE inv_freq too
+        del model
+        torch_dtype = measured
+        model, tokenizer = _load_any(name_or_path, local, torch_dtype, attn)
     _use_full_attention(model, name_or_path)
     model.to(target_device)
     model.eval()

@@ -58,12 +58,14 @@ def layer_progress(model: nn.Module, desc: str, enabled: bool = True) -> Iterato
 
 @torch.no_grad()
 def window_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
-               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score_mask: torch.Tensor | None = None) -> tuple[float, int]:
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> tuple[float, int]:
     """Summed NLL of the scored tokens of one window, and how many were scored.
 
     Tokens ``score_from..T-1`` are scored (token ``t`` is predicted from positions
     ``< t``, so ``score_from >= 1``); ``score_mask`` (bool, one per token) narrows
-    that further, e.g. to the answer tokens of needles.
+    that further, e.g. to the answer tokens of needles, or away from the first
+    token of each document packed in the window (whose ``position_ids`` restart at 0).
     """
     ids = input_ids.reshape(1, -1).to(model.device)
     total_len = ids.shape[1]
@@ -71,7 +73,9 @@ def window_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
     scored[max(score_from, 1):] = True
     if score_mask is not None:
         scored &= score_mask.reshape(-1).cpu()
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+    if position_ids is not None:
+        position_ids = position_ids.reshape(1, -1).to(model.device)
+    hidden = model.get_decoder()(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     nll = 0.0

@@ -140,7 +140,7 @@ class FinetuneSpec:
     lora_rank: int = 16
     lora_alpha: int = 32
     gradient_checkpointing: bool = True
-    dtype: str = "auto"  # auto: bf16 where native (GPUs, AVX512-BF16 CPUs), else fp32
+    dtype: str = "auto"  # auto: bf16 on GPUs that compute it natively; on a CPU the type measured fastest
     mixed_short_fraction: float = 0.0  # LongRoPE2: share of sequences at the original window, original RoPE
     save_every: int = 100  # steps between resumable checkpoints
     eval_every: int = 50  # steps between held-out loss measurements

@@ -22,6 +22,7 @@ from hpo import finetune as finetune_module
 from hpo.finetune import (
     IGNORE_INDEX,
     finetune,
+    heldout_loss,
     is_short,
     load_rows,
     main,
@@ -174,6 +175,20 @@ def test_packed_documents_do_not_attend_to_each_other(model, attention):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     # with a cache the packing is not detected and the second document sees the first: why we pass use_cache=False
     assert not torch.allclose(with_cache, alone, atol=1e-3)
+
+
+def test_heldout_loss_is_transformers_loss_through_the_chunked_path(model):
+    """The held-out loss never builds a row's full logits, and equals the model's own loss on packed rows."""
+    tokens, starts = pack_documents([torch.randint(2, 128, (n,)) for n in (30, 50, 45, 70)], length=64,
+                                    eos_token_id=0)
+    with torch.no_grad():
+        nll = count = 0
+        for row in range(len(tokens)):
+            inputs = model_inputs(tokens[row:row + 1], starts[row:row + 1])
+            scored = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+            nll += model(**inputs, use_cache=False).loss.item() * scored
+            count += scored
+    assert heldout_loss(model, tokens, starts) == pytest.approx(nll / count, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import assets
-from models.loading import ModelLoadError, cpu_supports_bf16, load_model, pick_dtype
+from models import assets, precision
+from models.loading import ModelLoadError, load_model, pick_dtype
 from objectives.data import load_windows
 from objectives.perplexity import perplexity
 
@@ -26,10 +26,48 @@ def test_missing_gguf_and_non_model_directory(tmp_path):
 
 def test_dtype_choice():
     cpu = torch.device("cpu")
-    assert pick_dtype("auto", cpu) == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    assert pick_dtype("auto", cpu) == torch.float32  # before a config is read: what load_model loads in first
     assert pick_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         pick_dtype("int3", cpu)
+
+
+@pytest.fixture
+def probe_timings(tmp_path, monkeypatch) -> dict[torch.dtype, float]:
+    """Fake per-layer seconds by dtype (set them in the returned dict); the probe's cache in tmp_path."""
+    timings = {torch.float32: 2.0, torch.bfloat16: 1.0}
+    calls = []
+    monkeypatch.setattr(precision, "probe_file", lambda: tmp_path / precision.PROBE_FILE)
+    monkeypatch.setattr(precision, "time_layer", lambda shape, dtype: calls.append(dtype) or timings[dtype])
+    timings["calls"] = calls
+    return timings
+
+
+def test_auto_on_a_cpu_is_the_dtype_measured_fastest_for_the_model_and_the_probe_is_cached(probe_timings):
+    config = load_model("tiny-random-llama", dtype="float32")[0].config
+    assert pick_dtype("auto", torch.device("cpu"), config) == torch.bfloat16
+    assert len(probe_timings["calls"]) == 2  # one timing per candidate
+    probe_timings[torch.bfloat16] = 9.0  # a cached probe is not measured again
+    assert pick_dtype("auto", torch.device("cpu"), config) == torch.bfloat16
+    assert len(probe_timings["calls"]) == 2
+    config.intermediate_size *= 2  # another shape is measured anew
+    assert pick_dtype("auto", torch.device("cpu"), config) == torch.float32
+
+
+def test_load_model_auto_runs_in_the_measured_dtype_and_keeps_rope_frequencies_in_fp32(probe_timings):
+    model, _ = load_model("tiny-random-llama")
+    assert model.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # loaded in bf16, not cast: no rounded RoPE
+    probe_timings[torch.bfloat16] = 3.0
+    assert load_model("tiny-random-llama", dtype="auto")[0].dtype == torch.bfloat16  # the cache decides
+    assert load_model("tiny-random-llama", dtype="fp32")[0].dtype == torch.float32  # an asked type is kept
+
+
+def test_layer_probe_times_both_candidates_at_a_model_shape():
+    shape = precision.LayerShape(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16)
+    for dtype in precision.CANDIDATE_DTYPES:
+        assert 0 < precision.time_layer(shape, dtype, tokens=64) < 10
+    assert shape.attention_flops(4) == 4 * 4 * 16 * 10  # the lower triangle of a 4-token window: 10 pairs
 
 
 @pytest.mark.real_model
