@@ -65,3 +65,17 @@ def test_a_length_runs_in_a_fresh_process_and_reports_memory(bench, tmp_path, ca
     assert run["rss_peak_gib"] >= run["rss_loaded_gib"] > 0
     assert sum(run["parts_s"].values()) == pytest.approx(run["seconds"])
     assert "## (b) 128 tokens" in capsys.readouterr().out
+
+
+def test_a_trial_forward_gives_sdpa_no_mask_and_the_causal_flag(monkeypatch):
+    """No L x L mask is built: SDPA's causal kernel (flash on CPU) does the masking."""
+    model, _ = load_model("tiny-random-llama", dtype="float32", attn_implementation="sdpa")
+    kernel, seen = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append(attention_mask)
+        return kernel(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
+    window_nll(model, torch.randint(0, model.config.vocab_size, (1, 200)))
+    assert seen and all(mask is None for mask in seen)
