@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -230,6 +231,20 @@ def in_fresh_process(args: argparse.Namespace, length: int, variant: str) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def forward_ratios(run: dict, rates: dict[str, float], flops: dict[str, float]) -> dict[str, float]:
+    """The forward's share of the matmul peak and of the peak for its mix of matmul and attention FLOPs;
+    empty without peaks."""
+    matmul_peak = max((value for name, value in rates.items() if name.startswith("matmul")), default=None)
+    attention_rates = [value for name, value in rates.items() if name.startswith("sdpa")]
+    if not matmul_peak or not attention_rates:
+        return {}
+    attention_peak = rates.get(f"sdpa causal {run['length']}", attention_rates[-1])
+    attention = flops["attention kernel"]
+    ideal_s = (sum(flops.values()) - attention) / (matmul_peak * 1e9) + attention / (attention_peak * 1e9)
+    return {"matmul_peak": matmul_peak, "mix": ideal_s / run["seconds"],
+            "matmul": sum(flops.values()) / run["seconds"] / 1e9 / matmul_peak}
+
+
 def report(machine: str, peak: dict, runs: list[dict], variants: list[dict], shape: LayerShape, layers: int,
            vocab: int) -> None:
     print(f"# Throughput on {machine}\n")
@@ -239,34 +254,40 @@ def report(machine: str, peak: dict, runs: list[dict], variants: list[dict], sha
         for name in peak[dtypes[0]]:
             print(f"| {name} | " + " | ".join(f"{peak[dtype][name]:.1f}" for dtype in dtypes) + " |")
         print("\nsquare sizes: " + ", ".join(f"{dtype} {size}" for dtype, size in peak["square"].items()))
+    summary = []
     for run in runs:
         if "error" in run:
             print(f"\n## {run['length']:,} tokens: failed ({run['error']})")
             continue
-        rates = peak.get(run["dtype"], {})
-        matmul_peak = max((value for name, value in rates.items() if name.startswith("matmul")), default=None)
         flops = part_flops(shape, layers, vocab, run["length"])
-        print(f"\n## (b) {run['length']:,} tokens, {run['dtype']}: {run['seconds']:.1f} s, "
-              f"{run['length'] / run['seconds']:,.0f} tokens/s, peak resident {run['rss_peak_gib']:.2f} GiB "
-              f"(after loading {run['rss_loaded_gib']:.2f})\n")
-        attention_rates = [value for name, value in rates.items() if name.startswith("sdpa")]
-        if matmul_peak and "parts_s" in run:
-            attention_peak = rates.get(f"sdpa causal {run['length']}", attention_rates[-1])  # the longest probed
-            print("| part | seconds | share | GFLOP | GFLOP/s | of matmul peak |\n|---|---|---|---|---|---|")
-            for part, seconds in run["parts_s"].items():
-                line = f"| {part} | {seconds:.2f} | {seconds / run['seconds']:.1%} |"
-                if part in flops:
-                    achieved = flops[part] / seconds / 1e9
-                    line += f" {flops[part] / 1e9:,.0f} | {achieved:.1f} | {achieved / matmul_peak:.0%} |"
-                else:
-                    line += " - | - | - |"
-                print(line)
-            attention = flops["attention kernel"]
-            ideal_s = (sum(flops.values()) - attention) / (matmul_peak * 1e9) + attention / (attention_peak * 1e9)
-            print(f"\nwhole forward: {sum(flops.values()) / run['seconds'] / 1e9:.1f} GFLOP/s; "
-                  f"{ideal_s / run['seconds']:.0%} of the peak for its mix (matmul FLOPs at {matmul_peak:.0f}, "
-                  f"attention at the SDPA rate {attention_peak:.0f} GFLOP/s), "
-                  f"{sum(flops.values()) / run['seconds'] / 1e9 / matmul_peak:.0%} of the matmul peak")
+        ratios = forward_ratios(run, peak.get(run["dtype"], {}), flops)
+        summary.append((run, ratios))
+        if "parts_s" not in run:
+            continue
+        print(f"\n## (b) {run['length']:,} tokens by part\n")
+        print("| part | seconds | share | GFLOP | GFLOP/s | of matmul peak |\n|---|---|---|---|---|---|")
+        for part, seconds in run["parts_s"].items():
+            line = f"| {part} | {seconds:.2f} | {seconds / run['seconds']:.1%} |"
+            if part in flops:
+                achieved = flops[part] / seconds / 1e9
+                share = f"{achieved / ratios['matmul_peak']:.0%}" if ratios else "-"
+                line += f" {flops[part] / 1e9:,.0f} | {achieved:.1f} | {share} |"
+            else:
+                line += " - | - | - |"
+            print(line)
+    print("\n## (b, c) The forward by length: speed, its share of the peaks of (a), peak resident memory\n")
+    print("| tokens | dtype | seconds | tokens/s | GFLOP/s | of its mix's peak | of the matmul peak "
+          "| attention kernel share | peak resident GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run, ratios in summary:
+        mix = f"{ratios['mix']:.0%} | {ratios['matmul']:.0%}" if ratios else "- | -"
+        attention = f"{run['parts_s']['attention kernel'] / run['seconds']:.0%}" if "parts_s" in run else "-"
+        gflops = sum(part_flops(shape, layers, vocab, run["length"]).values()) / run["seconds"] / 1e9
+        print(f"| {run['length']:,} | {run['dtype']} | {run['seconds']:.1f} | {run['length'] / run['seconds']:,.0f} "
+              f"| {gflops:.1f} | {mix} | {attention} | {run['rss_peak_gib']:.2f} |")
+    if summary and summary[0][1]:
+        print("\nits mix's peak: the forward's matmul FLOPs at the best matmul rate of (a), its attention FLOPs "
+              "at (a)'s SDPA rate at that length (the longest measured beyond)")
     if variants:
         reference = variants[0]
         print(f"\n## (d) Variants at {reference['length']:,} tokens (each in a fresh process)\n")
@@ -304,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     shape, layers, vocab = LayerShape.from_config(model.config), model.config.num_hidden_layers, model.config.vocab_size
     del model
     lengths = [int(length) for length in args.lengths.split(",")]
-    machine = (f"{platform.machine()} {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    machine = (f"{platform.machine()} {_cpu_name()}, {torch.get_num_threads()} torch threads on {os.cpu_count()} "
+               f"CPUs, torch {torch.__version__}, "
                f"{args.model}")
     attention_lengths = sorted({min(lengths), *(length for length in lengths if length <= 16384)})
     peak = {} if args.no_peaks else peaks(shape, vocab, args.shape_tokens, attention_lengths)
