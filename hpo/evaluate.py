@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the tokenizer's BOS, as in the LongRoPE reference")
     parser.add_argument("--original-length", type=int, default=None,
                         help="the model's pretrained window (default: the study's, else from the model config)")
-    add_dtype_argument(parser, "auto", "model precision")
+    add_dtype_argument(parser, None, "model precision (default: with --study, the one the study ran in, else auto)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--attn", default="auto", help="attention implementation: auto, sdpa, eager, flash_attention_2")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
     found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)
     args.model = args.model or study_model_name or DEFAULT_MODEL
-    model, tokenizer = load_model(args.model, dtype=checked_dtype(args.dtype), device=args.device,
+    precision = checked_dtype(args.dtype) or (found.metadata.get("dtype") if found else None) or "auto"
+    model, tokenizer = load_model(args.model, dtype=precision, device=args.device,
                                   attn_implementation=args.attn)
     geometry = RopeGeometry.from_config(model.config)
     original_length = args.original_length or (found.original_length if found else None)

@@ -375,8 +375,11 @@ def best_factors(study: optuna.Study, **metadata: Any) -> RopeFactors:
         raise StudyError(f"study {study.study_name!r} has no complete trial yet")
     best = study.best_trial
     found = recorded_search_space(study).to_factors(best.params)  # method is "longrope"
-    found = dataclasses.replace(found, metadata={"study": study.study_name, "trial": best.number,
-                                                 "searched_perplexity": best.value, **metadata})
+    recorded = study.user_attrs.get(WORKLOAD_ATTR) or {}
+    provenance = {"study": study.study_name, "trial": best.number, "searched_perplexity": best.value}
+    if recorded.get("dtype"):  # the precision the perplexity was measured in, which evaluation defaults to
+        provenance["dtype"] = recorded["dtype"]
+    found = dataclasses.replace(found, metadata={**provenance, **metadata})
     stage = study_stage(study)
     return stage.final_factors(found) if stage else found
 

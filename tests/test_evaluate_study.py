@@ -77,6 +77,21 @@ def test_results_table_is_tidy_and_the_same_in_csv_and_json(evaluated):
     assert (needle["windows"] == 2).all() and (needle["tokens"] == 2 * 2 * 8).all()
 
 
+def test_a_study_is_evaluated_in_the_dtype_it_ran_in_unless_asked(run_dir, study, tmp_path, monkeypatch):
+    """tiny ran in float32; here auto would measure bf16 the faster (faked), which ``--dtype auto`` still asks for."""
+    from hpo import evaluate as evaluate_module
+    from models import precision
+
+    monkeypatch.setattr(precision, "probe_file", lambda: tmp_path / precision.PROBE_FILE)
+    monkeypatch.setattr(precision, "time_layer", lambda shape, dtype: {"float32": 2.0}.get(str(dtype)[6:], 1.0))
+    assert study.user_attrs["workload"]["dtype"] == "float32"
+    common = ["--study", "tiny", "--out", str(run_dir), "--methods", "none", "--lengths", "256", "--samples", "1",
+              "--tasks", "ppl", "--no-progress", "--json", str(tmp_path / "evaluation.json")]
+    for asked, expected in (([], "float32"), (["--dtype", "auto"], "bfloat16")):
+        rows = evaluate_module.run(evaluate_module.build_parser().parse_args(common + asked))
+        assert {row.dtype for row in rows} == {expected}
+
+
 def test_factor_file_of_a_study_without_its_storage(run_dir, study, tmp_path):
     """A directory holding only best_factors.json (e.g. copied from a GPU box) evaluates the same factors."""
     shutil.copy(run_dir / "best_factors.json", tmp_path / "best_factors.json")
