@@ -191,10 +191,9 @@ def trial_factors(model: torch.nn.Module, length: int) -> RopeFactors:
 def measure_length(args: argparse.Namespace) -> dict:
     """One forward at ``args.child_length`` in this (fresh) process: parts, seconds, peak memory."""
     length, variant = args.child_length, args.variant
-    dtype = args.dtype
-    if variant == "other dtype":
-        dtype = "bfloat16" if load_model(args.model, dtype=args.dtype)[0].dtype == torch.float32 else "float32"
-    model, _ = load_model(args.model, dtype=dtype)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    if variant == "other dtype":  # the type that --dtype did not give
+        model, _ = load_model(args.model, dtype="bfloat16" if model.dtype == torch.float32 else "float32")
     apply_factors(model, trial_factors(model, length))
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
@@ -261,7 +260,7 @@ def report(machine: str, peak: dict, runs: list[dict], variants: list[dict], sha
             continue
         flops = part_flops(shape, layers, vocab, run["length"])
         ratios = forward_ratios(run, peak.get(run["dtype"], {}), flops)
-        summary.append((run, ratios))
+        summary.append((run, ratios, flops))
         if "parts_s" not in run:
             continue
         print(f"\n## (b) {run['length']:,} tokens by part\n")
@@ -279,10 +278,10 @@ def report(machine: str, peak: dict, runs: list[dict], variants: list[dict], sha
     print("| tokens | dtype | seconds | tokens/s | GFLOP/s | of its mix's peak | of the matmul peak "
           "| attention kernel share | peak resident GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for run, ratios in summary:
+    for run, ratios, flops in summary:
         mix = f"{ratios['mix']:.0%} | {ratios['matmul']:.0%}" if ratios else "- | -"
         attention = f"{run['parts_s']['attention kernel'] / run['seconds']:.0%}" if "parts_s" in run else "-"
-        gflops = sum(part_flops(shape, layers, vocab, run["length"]).values()) / run["seconds"] / 1e9
+        gflops = sum(flops.values()) / run["seconds"] / 1e9
         print(f"| {run['length']:,} | {run['dtype']} | {run['seconds']:.1f} | {run['length'] / run['seconds']:,.0f} "
               f"| {gflops:.1f} | {mix} | {attention} | {run['rss_peak_gib']:.2f} |")
     if summary and summary[0][1]:
