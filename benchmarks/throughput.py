@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from models.baselines import baseline  # noqa: E402
 from models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from models.patch import apply_factors  # noqa: E402
-from models.precision import LayerShape  # noqa: E402
+from models.precision import LayerShape, best_seconds, cpu_description  # noqa: E402
 from models.rope import RopeFactors, RopeGeometry  # noqa: E402
 from objectives.perplexity import layer_progress, window_nll  # noqa: E402
 
@@ -51,13 +51,7 @@ VARIANTS = ("as trials run", "no progress hooks", "inference_mode", "other dtype
 
 def rate(run: Callable[[], object], flops: float, repeats: int = 3) -> float:
     """Best GFLOP/s of ``run`` over ``repeats`` calls after one warm-up call."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return flops / best / 1e9
+    return flops / best_seconds(run, repeats) / 1e9
 
 
 def matmul_rate(rows: int, inner: int, cols: int, dtype: torch.dtype) -> float:
@@ -324,9 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     shape, layers, vocab = LayerShape.from_config(model.config), model.config.num_hidden_layers, model.config.vocab_size
     del model
     lengths = [int(length) for length in args.lengths.split(",")]
-    machine = (f"{platform.machine()} {_cpu_name()}, {torch.get_num_threads()} torch threads on {os.cpu_count()} "
-               f"CPUs, torch {torch.__version__}, "
-               f"{args.model}")
+    machine = (f"{platform.machine()} {cpu_description()[0]}, {torch.get_num_threads()} torch threads on "
+               f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.model}")
     attention_lengths = sorted({min(lengths), *(length for length in lengths if length <= 16384)})
     peak = {} if args.no_peaks else peaks(shape, vocab, args.shape_tokens, attention_lengths)
     runs = [in_fresh_process(args, length, "as trials run") for length in lengths]
@@ -337,13 +330,6 @@ def main(argv: list[str] | None = None) -> None:
     args.json.write_text(json.dumps({"machine": machine, "peaks_gflops": peak, "lengths": runs,
                                      "variants": variants}, indent=1))
     print(f"\nJSON: {args.json}")
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,17 +84,22 @@ def time_layer(shape: LayerShape, dtype: torch.dtype, tokens: int = PROBE_TOKENS
         return F.linear(F.silu(F.linear(hidden, wg)) * F.linear(hidden, wu), wd)
 
     with torch.inference_mode():
-        layer()  # the first call allocates and picks kernels
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            layer()
-            best = min(best, time.perf_counter() - started)
+        return best_seconds(layer, repeats)
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``run``, after one untimed call that allocates and picks kernels."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
     return best
 
 
-def machine_key(shape: LayerShape) -> str:
-    """What the timings hold for: this CPU model and flags, torch, the thread count and the layer shape."""
+def cpu_description() -> tuple[str, str]:
+    """This CPU's model name and flags from ``/proc/cpuinfo`` (``"unknown cpu"`` and no flags where there is none)."""
     cpu, flags = "unknown cpu", ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -103,6 +109,12 @@ def machine_key(shape: LayerShape) -> str:
                 flags = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine_key(shape: LayerShape) -> str:
+    """What the timings hold for: this CPU model and flags, torch, the thread count and the layer shape."""
+    cpu, flags = cpu_description()
     flags_digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
     sizes = "-".join(str(value) for value in asdict(shape).values())
     return f"{cpu} (flags {flags_digest}) | torch {torch.__version__} | {torch.get_num_threads()} threads | {sizes}"
