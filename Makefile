@@ -10,10 +10,17 @@ ASSETS_STAMP := $(VENV)/.assets
 .PHONY: setup assets postgres chromium run test lint bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# llama-cpp-python ships as source only: pip compiles llama.cpp once (about 15 min on 2 cores) and caches the
+# wheel. Built for any AVX2 CPU rather than this one (-march=native), so a cached wheel or a copied virtual
+# env runs on every machine of the fleet; the multimodal library, which nothing here uses, is skipped.
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_MTMD=OFF
+
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,postgres,ray,lora,datasets]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,postgres,ray,lora,datasets,llamacpp]'
 	touch $@
 
 setup: $(STAMP)

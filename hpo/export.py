@@ -1,4 +1,7 @@
-"""Export a study's result as a Hugging Face model directory: ``python -m hpo.export --study NAME --to DIR``.
+"""Export a study's result as a Hugging Face model directory or a GGUF.
+
+    python -m hpo.export --study NAME --to DIR        # transformers, vLLM, SGLang
+    python -m hpo.export --study NAME --gguf FILE     # llama.cpp, Ollama
 
 The directory holds the study's model (for a chained study, the earlier stage's model it searched on, e.g.
 the fine-tuned one) with a ``longrope`` config that stock transformers loads: the study's long factors, and
@@ -6,6 +9,10 @@ for a short-context readjustment study (``[extend] mode = "short"``) its short f
 transformers uses the short ones for inputs within the original window and the long ones beyond. A plain or
 longer study exports short factors of 1 (the original RoPE) unless ``--short-from NAME`` names the short
 study to take them from.
+
+The GGUF (:mod:`models.gguf_export`) carries the long factors only, as llama.cpp's ``rope_freqs`` tensor: a
+model that loads from a GGUF (the embedded SmolLM2) is copied with its quantization kept, a transformers
+model is converted in ``--gguf-type``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from hpo.records import (
 )
 from models.assets import AssetError
 from models.export import save_extended_model
-from models.loading import ModelLoadError, load_model
+from models.gguf_export import WEIGHT_TYPES, GgufExportError, extend_gguf, model_to_gguf
+from models.loading import ModelLoadError, gguf_file, load_model
 from models.rope import FactorError, RopeFactors
 
 
@@ -58,14 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", metavar="URL", help="the study's storage URL (default: DIR/study.db)")
     parser.add_argument("--short-from", metavar="NAME", help="take the short factors from this short study")
     parser.add_argument("--short-out", type=Path, metavar="DIR", help="that study's output directory")
-    parser.add_argument("--to", type=Path, required=True, metavar="DIR", help="where to write the model")
+    parser.add_argument("--to", type=Path, metavar="DIR", help="write a transformers model directory here")
+    parser.add_argument("--gguf", type=Path, metavar="FILE", help="write a GGUF for llama.cpp and Ollama here")
+    parser.add_argument("--gguf-type", choices=sorted(WEIGHT_TYPES), default="float32",
+                        help="weight type when the GGUF is converted from a transformers model (default: float32; "
+                             "a model that loads from a GGUF keeps its own types)")
     return parser
 
 
+def write_gguf(model_name: str, path: Path, factors: RopeFactors, weight_type: str) -> str:
+    """Write ``model_name`` with ``factors`` as a GGUF; returns how it was made."""
+    source = gguf_file(model_name)
+    if source is not None:
+        extend_gguf(source, path, factors)
+        return f"copied from {source.name}"
+    model, tokenizer = load_model(model_name, dtype="float32")
+    model_to_gguf(model, tokenizer, path, factors, weight_type)
+    return f"converted to {weight_type}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.to is None and args.gguf is None:
+        parser.error("say where to write: --to DIR, --gguf FILE, or both")
     try:
-        writable_dir(args.to, "--to")  # checked first: save_pretrained only logs an error for a file, writes nothing
+        if args.to is not None:  # checked first: save_pretrained only logs an error for a file, writes nothing
+            writable_dir(args.to, "--to")
+        if args.gguf is not None:
+            if args.gguf.is_dir():
+                raise StudyError(f"--gguf {args.gguf} is a folder: give the file to write, e.g. {args.gguf}/model.gguf")
+            writable_dir(args.gguf.parent, "--gguf's folder")
         study = load_study(args.study, args.storage, args.out)
         short_study = load_study(args.short_from, None, args.short_out) if args.short_from else None
         long_factors, short_factors = exported_pair(study, short_study)
@@ -73,13 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         if model_name is None:
             raise StudyError(f"study {args.study!r} does not record which model it searched (made before studies "
                              f"recorded their settings): run `python -m hpo.run` on it once to record them")
-        model, tokenizer = load_model(model_name, dtype="float32")
-        save_extended_model(model, tokenizer, args.to, long_factors, short_factors)
-    except (StudyError, StorageError, AssetError, ModelLoadError, FactorError, ValueError) as error:
+        if args.to is not None:
+            model, tokenizer = load_model(model_name, dtype="float32")
+            save_extended_model(model, tokenizer, args.to, long_factors, short_factors)
+            print(f"wrote {args.to}: {model_name} with long factors for {long_factors.target_length:,} tokens"
+                  + (" and short factors for the original window" if short_factors else ""))
+        if args.gguf is not None:
+            how = write_gguf(model_name, args.gguf, long_factors, args.gguf_type)
+            print(f"wrote {args.gguf}: {model_name} ({how}) with its factors for {long_factors.target_length:,} "
+                  f"tokens as rope_freqs" + ("; its short factors are not in a GGUF" if short_factors else ""))
+    except (StudyError, StorageError, AssetError, ModelLoadError, FactorError, GgufExportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.to}: {model_name} with long factors for {long_factors.target_length:,} tokens"
-          + (" and short factors for the original window" if short_factors else ""))
     return 0
 
 

@@ -5,6 +5,11 @@ Stock transformers' ``longrope`` uses ``short_factor`` while the input is at mos
 ``attention_factor`` for both. It has no notion of start tokens (n_hat): an
 exported model with ``start_tokens > 0`` behaves as if n_hat were 0.
 
+vLLM and SGLang read the same block but ignore ``attention_factor``: they scale by ``short_mscale`` and
+``long_mscale`` (defaulting to sqrt(1 + ln s / ln L0)), so the block carries those too, the long one equal
+to the searched attention scaling and the short one to the short factors' (1 for the original RoPE).
+transformers warns that it does not know these two keys and otherwise ignores them.
+
 The lengths (``original_max_position_embeddings``, ``factor``, ``max_position_embeddings``) come
 from the factors, never from the model config: a study may extend a window shorter than the one its
 config states (a preset's ``original_length``), and exporting the config's window would keep stock
@@ -59,6 +64,8 @@ def rope_parameters(
         "factor": long_factors.scale,
         "attention_factor": long_factors.attention_scaling,
         "original_max_position_embeddings": long_factors.original_length,
+        "long_mscale": long_factors.attention_scaling,
+        "short_mscale": 1.0 if short_factors is None else short_factors.attention_scaling,
     }
 
 

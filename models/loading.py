@@ -195,6 +195,14 @@ def _write_tiny_random_llama(target: Path) -> None:
 EMBEDDED_MODELS = {DEFAULT_MODEL: _write_smollm2, TINY_MODEL: _write_tiny_random_llama}
 
 
+def gguf_file(name_or_path: str) -> Path | None:
+    """The GGUF file that ``name_or_path`` loads from (the embedded SmolLM2's, or a ``.gguf`` path), else None."""
+    if name_or_path == DEFAULT_MODEL:
+        return assets.smollm2_gguf_path()
+    path = Path(name_or_path).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
 def _embedded_model_dir(name: str) -> Path:
     """The short-named model as a plain transformers directory in the cache, written once."""
     target = assets.cache_dir() / "models" / name

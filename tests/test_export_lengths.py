@@ -154,3 +154,17 @@ def test_export_to_a_file_is_a_one_line_error_that_writes_nothing(tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{existing} is a file, not a directory" in err
     assert existing.read_bytes() == b"keep me"
+
+
+def test_serving_runtimes_get_the_searched_attention_scaling_as_mscales(tmp_path):
+    """vLLM and SGLang ignore ``attention_factor`` and scale by ``long_mscale``/``short_mscale`` instead."""
+    geometry = RopeGeometry(rotary_dim=16, base=10000.0, original_length=CONFIG_WINDOW)
+    block = rope_parameters(long_factors(), geometry)
+    assert block["long_mscale"] == block["attention_factor"] == pytest.approx(1.1)
+    assert block["short_mscale"] == 1.0  # short factors of 1: the original RoPE, unscaled
+    short = RopeFactors((1.0,) * 7 + (1.5,), ORIGINAL, ORIGINAL, attention_scaling=1.02)
+    assert rope_parameters(long_factors(), geometry, short)["short_mscale"] == pytest.approx(1.02)
+    save_extended_model(tiny_llama_with_a_longer_window(), NoTokenizer(), tmp_path, long_factors())
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)  # stock transformers still loads the block
+    assert stock.config.rope_parameters["long_mscale"] == pytest.approx(1.1)
+    assert stock.model.rotary_emb.attention_scaling == pytest.approx(1.1)
