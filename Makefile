@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,postgres,ray,lora,datasets,llamacpp]'
+		$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,postgres,ray,lora,datasets,llamacpp,ruler]'
 	touch $@
 
 setup: $(STAMP)

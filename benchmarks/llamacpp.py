@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -52,7 +53,8 @@ def main() -> None:
     length = searched.target_length
     windows = load_windows("essays", tokenizer, length, args.samples, first_window=args.first_window)
     source = gguf_file(DEFAULT_MODEL)
-    print(f"machine: {cpu_description()}, torch {torch.__version__}, {platform.python_version()}; "
+    machine = f"{cpu_description()[0]}, {os.cpu_count()} cores"
+    print(f"machine: {machine}, torch {torch.__version__}, {platform.python_version()}; "
           f"{args.samples} essay window(s) of {length:,} tokens from window {args.first_window}")
 
     rows = []
@@ -85,7 +87,7 @@ def main() -> None:
         del runtime
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": cpu_description(), "length": length, "factors": str(args.factors),
+        args.json.write_text(json.dumps({"machine": machine, "length": length, "factors": str(args.factors),
                                          "first_window": args.first_window, "samples": args.samples,
                                          "rows": rows}, indent=1))
 

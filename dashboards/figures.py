@@ -10,7 +10,7 @@ report (:mod:`dashboards.report`) and the Optuna Dashboard publisher
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import optuna
 import pandas as pd
@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from hpo.records import recorded_search_space, seed_records, trial_generation
+from hpo.records import RULER_PREFIX, recorded_search_space, seed_records, trial_generation
 from hpo.search_space import START_TOKENS_PARAM
 
 COLORS = qualitative.Plotly
@@ -202,43 +202,69 @@ def perplexity_vs_length(results: pd.DataFrame) -> go.Figure:
     return figure
 
 
+def _accuracy_panels(pooled: pd.DataFrame, row: str, row_labels: Callable[[list], list[str]], title: str,
+                     row_title: str, per: str) -> go.Figure:
+    """One heatmap per method of ``pooled`` (columns method, length, ``row``, accuracy, windows): lengths across,
+    ``row`` down, each cell's accuracy in words and ``windows`` (``per``) on hover."""
+    methods = list(dict.fromkeys(pooled["method"]))
+    lengths = sorted(pooled["length"].unique())
+    rows = sorted(pooled[row].unique())
+    figure = make_subplots(rows=1, cols=len(methods), subplot_titles=methods, shared_yaxes=True,
+                           horizontal_spacing=0.02)
+    for col, method in enumerate(methods, start=1):
+        cells = pooled[pooled["method"] == method]
+        grid = cells.pivot(index=row, columns="length", values="accuracy").reindex(index=rows, columns=lengths)
+        counts = cells.pivot(index=row, columns="length", values="windows").reindex(index=rows, columns=lengths)
+        figure.add_heatmap(
+            x=[f"{n:,}" for n in lengths], y=row_labels(rows), z=grid.to_numpy(),
+            coloraxis="coloraxis", customdata=counts.to_numpy(),
+            text=[[("" if math.isnan(a) else f"{100 * a:.0f}%") for a in line] for line in grid.to_numpy()],
+            texttemplate="%{text}", hovertemplate=f"{method}<br>%{{x}} tokens, %{{y}}: "
+                                                  f"accuracy %{{z:.2f}} of %{{customdata}} {per}<extra></extra>",
+            row=1, col=col,
+        )
+        figure.update_xaxes(title_text="length (tokens)", type="category", row=1, col=col)
+    figure.update_yaxes(title_text=row_title, type="category", autorange="reversed", row=1, col=1)
+    figure.update_layout(
+        title=title, template=TEMPLATE, height=420,
+        coloraxis={"colorscale": "RdYlGn", "cmin": 0.0, "cmax": 1.0, "colorbar": {"title": {"text": "accuracy"}}},
+    )
+    return figure
+
+
+def _pooled_accuracy(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows of the same cell pooled, weighted by their number of prompts."""
+    rows = rows.assign(correct=rows["accuracy"] * rows["windows"])
+    pooled = rows.groupby(keys, sort=False)[["correct", "windows"]].sum().reset_index()
+    pooled["accuracy"] = pooled["correct"] / pooled["windows"]
+    return pooled
+
+
 def passkey_heatmap(results: pd.DataFrame) -> go.Figure:
     """Passkey accuracy by length (across) and key depth (down, top of the context first), one panel per method.
 
     Rows of the same cell are pooled, weighted by their number of prompts.
     Raises ``ValueError`` when ``results`` has no passkey rows.
     """
-    rows = results[results["task"] == "passkey"].copy()
+    rows = results[results["task"] == "passkey"]
     if rows.empty:
         raise ValueError("the results hold no passkey rows")
-    rows["correct"] = rows["accuracy"] * rows["windows"]
-    pooled = rows.groupby(["method", "length", "depth"], sort=False)[["correct", "windows"]].sum().reset_index()
-    pooled["accuracy"] = pooled["correct"] / pooled["windows"]
-    methods = list(dict.fromkeys(pooled["method"]))
-    lengths = sorted(pooled["length"].unique())
-    depths = sorted(pooled["depth"].unique())
-    figure = make_subplots(rows=1, cols=len(methods), subplot_titles=methods, shared_yaxes=True,
-                           horizontal_spacing=0.02)
-    for col, method in enumerate(methods, start=1):
-        grid = pooled[pooled["method"] == method].pivot(index="depth", columns="length", values="accuracy")
-        grid = grid.reindex(index=depths, columns=lengths)
-        counts = pooled[pooled["method"] == method].pivot(index="depth", columns="length", values="windows")
-        counts = counts.reindex(index=depths, columns=lengths)
-        figure.add_heatmap(
-            x=[f"{n:,}" for n in lengths], y=[f"{100 * d:.0f}%" for d in depths], z=grid.to_numpy(),
-            coloraxis="coloraxis", customdata=counts.to_numpy(),
-            text=[[("" if math.isnan(a) else f"{100 * a:.0f}%") for a in row] for row in grid.to_numpy()],
-            texttemplate="%{text}", hovertemplate=f"{method}<br>%{{x}} tokens, depth %{{y}}: "
-                                                  "accuracy %{z:.2f} of %{customdata} prompts<extra></extra>",
-            row=1, col=col,
-        )
-        figure.update_xaxes(title_text="length (tokens)", type="category", row=1, col=col)
-    figure.update_yaxes(title_text="depth of the key", type="category", autorange="reversed", row=1, col=1)
-    figure.update_layout(
-        title="Passkey retrieval accuracy", template=TEMPLATE, height=420,
-        coloraxis={"colorscale": "RdYlGn", "cmin": 0.0, "cmax": 1.0, "colorbar": {"title": {"text": "accuracy"}}},
-    )
-    return figure
+    pooled = _pooled_accuracy(rows, ["method", "length", "depth"])
+    return _accuracy_panels(pooled, "depth", lambda depths: [f"{100 * d:.0f}%" for d in depths],
+                            "Passkey retrieval accuracy", "depth of the key", "prompts")
+
+
+def ruler_heatmap(results: pd.DataFrame) -> go.Figure:
+    """RULER scores by length (across) and task (down), one panel per method (tasks ``ruler:NAME``).
+
+    Raises ``ValueError`` when ``results`` has no RULER rows.
+    """
+    rows = results[results["task"].str.startswith(RULER_PREFIX)]
+    if rows.empty:
+        raise ValueError("the results hold no RULER rows")
+    pooled = _pooled_accuracy(rows, ["method", "length", "task"])
+    return _accuracy_panels(pooled, "task", lambda tasks: [t.removeprefix(RULER_PREFIX) for t in tasks],
+                            "RULER (lm-eval): share of the expected answers generated", "task", "samples")
 
 
 def report_figures(studies: Sequence[optuna.Study], results: pd.DataFrame | None = None,
@@ -252,5 +278,7 @@ def report_figures(studies: Sequence[optuna.Study], results: pd.DataFrame | None
         figures["perplexity-length"] = perplexity_vs_length(results)
     if results is not None and (results["task"] == "passkey").any():
         figures["passkey-accuracy"] = passkey_heatmap(results)
+    if results is not None and results["task"].str.startswith(RULER_PREFIX).any():
+        figures["ruler"] = ruler_heatmap(results)
     figures["start-tokens"] = start_tokens_effect(studies)
     return figures

@@ -42,6 +42,8 @@ CAPTIONS = {
                    "Pruned (▽) and failed (×) trials sit at their last reported value, or at the top.",
     "perplexity-length": "Perplexity measured by python -m hpo.evaluate, one line per method.",
     "passkey-accuracy": "Share of passkeys retrieved, per context length and depth of the key (0% = top).",
+    "ruler": "RULER's tasks through lm-eval: the share of the expected strings each method generated, per task "
+             "and length (hover for the number of samples).",
     "start-tokens": "n_hat keeps the first positions on the original RoPE; each point is a complete trial.",
 }
 NO_COMPLETE_TRIAL = {

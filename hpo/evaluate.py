@@ -14,7 +14,9 @@ and with ``--study`` the best factors of that study (read from its storage, or f
 - ``ppl``: perplexity of ``samples`` windows of each length (or a sliding window);
 - ``passkey``: passkey retrieval (:mod:`objectives.passkey`), ``samples`` prompts
   in each of ``--depth-bins`` depth ranges, accuracy per length and depth;
-- ``needle-ppl``: LongRoPE2's needle-driven perplexity (:mod:`objectives.needle`).
+- ``needle-ppl``: LongRoPE2's needle-driven perplexity (:mod:`objectives.needle`);
+- ``ruler``: RULER's synthetic tasks through lm-eval (:mod:`objectives.ruler`), or ``ruler:TASK`` for one
+  of them (the essay-haystack tasks read the embedded essays), ``samples`` generations per task and length.
 
 The model is loaded once; only its RoPE changes between candidates. The result
 is a tidy table, one row per (method, task, length, depth): printed, and written
@@ -25,6 +27,7 @@ which :func:`read_results` and the reports in :mod:`dashboards` read.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable, Collection
@@ -34,20 +37,22 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from hpo.cli import add_dtype_argument, checked_dtype, configure_logging, positive
-from hpo.records import EvaluationRow, StorageError, study_dir, study_factors, write_results
+from hpo.records import RULER_PREFIX, EvaluationRow, StorageError, study_dir, study_factors, write_results
 from models.assets import AssetError
 from models.baselines import BASELINES, baseline
 from models.loading import DEFAULT_MODEL, ModelLoadError, load_model
 from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry
-from objectives.data import EMBEDDED_CORPUS, WINDOW_MODES, DataError, load_windows
+from objectives.data import EMBEDDED_CORPUS, WINDOW_MODES, DataError, load_documents, load_windows
 from objectives.needle import needle_windows
 from objectives.passkey import evaluate_passkey, group_by_depth, passkey_prompts
 from objectives.perplexity import PerplexityResult, perplexity, sliding_window_perplexity
+from objectives.ruler import DEFAULT_TASKS as RULER_DEFAULT_TASKS
+from objectives.ruler import ESSAY_TASKS, RULER_TASKS, RulerError, evaluate_ruler
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("ppl", "passkey", "needle-ppl")
+TASKS = ("ppl", "passkey", "needle-ppl", "ruler", *(RULER_PREFIX + task for task in RULER_TASKS))
 CONFIG_METHOD = "config"  # no patch: the RoPE the model's config defines
 DEFAULT_LENGTHS = [8192, 16384]
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,11 +114,33 @@ def _passkey_task(args: argparse.Namespace, model, tokenizer, length: int) -> Me
     return measure
 
 
+def _ruler_task(args: argparse.Namespace, model, tokenizer, length: int, tasks: list[str]) -> Measure:
+    essays = load_documents("essays") if any(task in ESSAY_TASKS for task in tasks) else []
+
+    def measure(name: str) -> list[EvaluationRow]:
+        return [EvaluationRow(name, length, score.seconds, score.prompt_tokens, score.samples,
+                              task=RULER_PREFIX + score.task, accuracy=score.score)
+                for score in evaluate_ruler(model, tokenizer, tasks, length, args.samples, essays)]
+
+    return measure
+
+
 TASK_BUILDERS: dict[str, Callable[[argparse.Namespace, object, object, int], Measure]] = {
     "ppl": _perplexity_task,
     "passkey": _passkey_task,
     "needle-ppl": _needle_task,
 }
+
+
+def _task_builders(tasks: list[str]) -> list[tuple[str, Callable[[argparse.Namespace, object, object, int], Measure]]]:
+    """``(label, builder)`` per task to run: the RULER tasks asked (``ruler`` = its synthetic ones) as one."""
+    ruler = [task.removeprefix(RULER_PREFIX) for task in tasks if task.startswith(RULER_PREFIX)]
+    if "ruler" in tasks:
+        ruler = list(dict.fromkeys([*RULER_DEFAULT_TASKS, *ruler]))
+    builders = [(task, TASK_BUILDERS[task]) for task in tasks if task in TASK_BUILDERS]
+    if ruler:
+        builders.append(("ruler", functools.partial(_ruler_task, tasks=ruler)))
+    return builders
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,12 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", default=None, metavar="URL", help="the study's storage URL")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="the study's output directory (default: runs/NAME)")
-    parser.add_argument("--tasks", default="ppl", help=f"comma-separated tasks among {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default="ppl",
+                        help="comma-separated tasks among ppl, passkey, needle-ppl, ruler (RULER's synthetic tasks: "
+                             f"{', '.join(RULER_DEFAULT_TASKS)}) and ruler:TASK for any of {', '.join(RULER_TASKS)}")
     parser.add_argument("--lengths", type=_int_list, default=None,
                         help="lengths in tokens (default: the study's original and target lengths, "
                              f"else {','.join(map(str, DEFAULT_LENGTHS))})")
-    parser.add_argument("--samples", type=int, default=1,
-                        help="windows per length (ppl, needle-ppl); prompts per length and depth bin (passkey)")
+    parser.add_argument("--samples", "--limit", type=positive(int), default=1,
+                        help="windows per length (ppl, needle-ppl); prompts per length and depth bin (passkey); "
+                             "samples per task and length (ruler)")
     parser.add_argument("--depth-bins", type=int, default=5, help="passkey: equal depth ranges the keys are drawn in")
     parser.add_argument("--needles", type=int, default=4, help="needle-ppl: needles per window")
     parser.add_argument("--seed", type=int, default=0, help="seed of the passkey keys and depths and the needles")
@@ -197,6 +227,7 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
     tasks = _names(args.tasks, TASKS, "task")
     if not tasks:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
+    builders = _task_builders(tasks)
     found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)
     args.model = args.model or study_model_name or DEFAULT_MODEL
     precision = checked_dtype(args.dtype) or (found.metadata.get("dtype") if found else None) or "auto"
@@ -214,13 +245,13 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
 
     rows = []
     dtype = str(model.dtype).removeprefix("torch.")  # every row says the precision it was measured in
-    bar = tqdm(total=len(lengths) * len(tasks) * (len(methods) + len(extra)), desc="evaluations", unit="eval",
+    bar = tqdm(total=len(lengths) * len(builders) * (len(methods) + len(extra)), desc="evaluations", unit="eval",
                disable=args.no_progress)
     for length in lengths:
         candidates = [(name, None if name == CONFIG_METHOD else baseline(name, geometry, length))
                       for name in methods] + extra
-        for task in tasks:
-            measure = TASK_BUILDERS[task](args, model, tokenizer, length)
+        for task, build in builders:
+            measure = build(args, model, tokenizer, length)
             for name, factors in candidates:
                 bar.set_postfix_str(f"{name} {task}@{length}")
                 with patched(model, factors) if factors else nullcontext():
@@ -243,6 +274,8 @@ def describe(row: EvaluationRow) -> str:
     where = f"{row.method} {row.task}@{row.length}"
     if row.task == "passkey":
         return f"{where} depth {row.depth:.2f}: accuracy {row.accuracy:.2f} of {row.windows} ({row.seconds:.1f}s)"
+    if row.accuracy is not None:
+        return f"{where}: score {row.accuracy:.2f} over {row.windows} samples ({row.seconds:.1f}s)"
     return f"{where}: perplexity {row.perplexity:.3f} ({row.seconds:.1f}s)"
 
 
@@ -262,6 +295,10 @@ def format_table(rows: list[EvaluationRow]) -> str:
                 accuracy = sum(r.accuracy * r.windows for r in cell) / sum(r.windows for r in cell)
                 cells[method, length] = f"{100 * accuracy:7.1f}% ({sum(r.seconds for r in cell):6.1f}s)"
             title = "passkey: accuracy over all depths (seconds)"
+        elif task.startswith(RULER_PREFIX):
+            cells = {(r.method, r.length): f"{100 * r.accuracy:5.1f}% of {r.windows} ({r.seconds:5.0f}s)"
+                     for r in task_rows}
+            title = f"{task}: score over samples (seconds)"
         else:
             cells = {(r.method, r.length): f"{r.perplexity:8.2f} ({r.seconds:6.1f}s)" for r in task_rows}
             title = f"{task}: perplexity (seconds)"
@@ -285,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         rows = run(args)
-    except (AssetError, ModelLoadError, FactorError, DataError, StorageError, ValueError) as error:
+    except (AssetError, ModelLoadError, FactorError, DataError, StorageError, RulerError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_table(rows))

@@ -696,13 +696,17 @@ RESULT_COLUMNS = ("method", "task", "length", "depth", "perplexity", "accuracy",
                   "dtype")
 
 
+RULER_PREFIX = "ruler:"  # an evaluation task "ruler:niah_single_1" is lm-eval's RULER task niah_single_1
+
+
 @dataclass
 class EvaluationRow:
     """One measurement: a method on a task at a length (and, for passkey, a depth bin).
 
     ``perplexity`` is set for ``ppl`` and ``needle-ppl``, ``accuracy`` and ``depth``
-    (the centre of the depth bin, 0 = top of the context) for ``passkey``; the
-    others are None. ``windows`` counts the windows or prompts measured, ``dtype`` the precision.
+    (the centre of the depth bin, 0 = top of the context) for ``passkey``, ``accuracy`` (RULER's score) for
+    a RULER task ``ruler:NAME``; the others are None. ``windows`` counts the windows, prompts or samples
+    measured, ``dtype`` the precision.
     """
 
     method: str
