@@ -30,9 +30,9 @@ from models.rope import FactorError, RopeFactors, RopeGeometry
 logger = logging.getLogger(__name__)
 
 START_TOKENS_WARNING = (
-    "start_tokens (n_hat) = {n} is not representable in a Hugging Face config: stock transformers "
-    "and other runtimes ignore it, so the exported model rotates every position with the rescaled "
-    "frequencies. Use models.patch.apply_factors to keep n_hat, or search with start_tokens = 0."
+    "start_tokens (n_hat) = {n} is not representable in an exported model (a Hugging Face config or a "
+    "GGUF): transformers, vLLM, SGLang and llama.cpp rotate every position with the rescaled frequencies. "
+    "Use models.patch.apply_factors to keep n_hat, or search with start_tokens = 0."
 )
 
 
