@@ -74,17 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_gguf(model_name: str, path: Path, factors: RopeFactors, weight_type: str) -> str:
-    """Write ``model_name`` with ``factors`` as a GGUF; returns how it was made."""
-    source = gguf_file(model_name)
-    if source is not None:
-        extend_gguf(source, path, factors)
-        return f"copied from {source.name}"
-    model, tokenizer = load_model(model_name, dtype="float32")
-    model_to_gguf(model, tokenizer, path, factors, weight_type)
-    return f"converted to {weight_type}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,13 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         if model_name is None:
             raise StudyError(f"study {args.study!r} does not record which model it searched (made before studies "
                              f"recorded their settings): run `python -m hpo.run` on it once to record them")
-        if args.to is not None:
+        source_gguf = gguf_file(model_name)  # a GGUF is copied from it, not converted from the loaded model
+        if args.to is not None or source_gguf is None:
             model, tokenizer = load_model(model_name, dtype="float32")
+        if args.to is not None:
             save_extended_model(model, tokenizer, args.to, long_factors, short_factors)
             print(f"wrote {args.to}: {model_name} with long factors for {long_factors.target_length:,} tokens"
                   + (" and short factors for the original window" if short_factors else ""))
         if args.gguf is not None:
-            how = write_gguf(model_name, args.gguf, long_factors, args.gguf_type)
+            if source_gguf is not None:
+                extend_gguf(source_gguf, args.gguf, long_factors)
+                how = f"copied from {source_gguf.name}"
+            else:
+                model_to_gguf(model, tokenizer, args.gguf, long_factors, args.gguf_type)
+                how = f"converted to {args.gguf_type}"
             print(f"wrote {args.gguf}: {model_name} ({how}) with its factors for {long_factors.target_length:,} "
                   f"tokens as rope_freqs" + ("; its short factors are not in a GGUF" if short_factors else ""))
     except (StudyError, StorageError, AssetError, ModelLoadError, FactorError, GgufExportError, ValueError) as error:

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 START_TOKENS_WARNING = (
     "start_tokens (n_hat) = {n} is not representable in an exported model (a Hugging Face config or a "
-    "GGUF): transformers, vLLM, SGLang and llama.cpp rotate every position with the rescaled frequencies. "
-    "Use models.patch.apply_factors to keep n_hat, or search with start_tokens = 0."
+    "GGUF): transformers, vLLM, SGLang and llama.cpp ignore it and rotate every position with the rescaled "
+    "frequencies. Use models.patch.apply_factors to keep n_hat, or search with start_tokens = 0."
 )
 
 

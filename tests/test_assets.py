@@ -15,9 +15,9 @@ from models.assets import AssetError, EmbeddedWheel
 def fake_wheel(directory, name="demo-1.0-py3-none-any.whl"):
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("demo/data/file.txt", "payload")
-        archive.writestr("demo/__init__.py", "")
+    with zipfile.ZipFile(path, "w") as archive:  # fixed timestamps: two builds are the same bytes, same sha256
+        archive.writestr(zipfile.ZipInfo("demo/data/file.txt", date_time=(2026, 1, 1, 0, 0, 0)), "payload")
+        archive.writestr(zipfile.ZipInfo("demo/__init__.py", date_time=(2026, 1, 1, 0, 0, 0)), "")
     return path
 
 
