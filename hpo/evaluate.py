@@ -47,8 +47,7 @@ from objectives.data import EMBEDDED_CORPUS, WINDOW_MODES, DataError, load_docum
 from objectives.needle import needle_windows
 from objectives.passkey import evaluate_passkey, group_by_depth, passkey_prompts
 from objectives.perplexity import PerplexityResult, perplexity, sliding_window_perplexity
-from objectives.ruler import DEFAULT_TASKS as RULER_DEFAULT_TASKS
-from objectives.ruler import ESSAY_TASKS, RULER_TASKS, RulerError, evaluate_ruler
+from objectives.ruler import ESSAY_TASKS, RULER_TASKS, SYNTHETIC_TASKS, RulerError, evaluate_ruler
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def _task_builders(tasks: list[str]) -> list[tuple[str, Callable[[argparse.Names
     """``(label, builder)`` per task to run: the RULER tasks asked (``ruler`` = its synthetic ones) as one."""
     ruler = [task.removeprefix(RULER_PREFIX) for task in tasks if task.startswith(RULER_PREFIX)]
     if "ruler" in tasks:
-        ruler = list(dict.fromkeys([*RULER_DEFAULT_TASKS, *ruler]))
+        ruler = list(dict.fromkeys([*SYNTHETIC_TASKS, *ruler]))
     builders = [(task, TASK_BUILDERS[task]) for task in tasks if task in TASK_BUILDERS]
     if ruler:
         builders.append(("ruler", functools.partial(_ruler_task, tasks=ruler)))
@@ -177,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the study's output directory (default: runs/NAME)")
     parser.add_argument("--tasks", default="ppl",
                         help="comma-separated tasks among ppl, passkey, needle-ppl, ruler (RULER's synthetic tasks: "
-                             f"{', '.join(RULER_DEFAULT_TASKS)}) and ruler:TASK for any of {', '.join(RULER_TASKS)}")
+                             f"{', '.join(SYNTHETIC_TASKS)}) and ruler:TASK for any of {', '.join(RULER_TASKS)}")
     parser.add_argument("--lengths", type=_int_list, default=None,
                         help="lengths in tokens (default: the study's original and target lengths, "
                              f"else {','.join(map(str, DEFAULT_LENGTHS))})")

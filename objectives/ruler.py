@@ -31,7 +31,6 @@ from models import assets
 SYNTHETIC_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 RULER_TASKS = SYNTHETIC_TASKS + ESSAY_TASKS
-DEFAULT_TASKS = SYNTHETIC_TASKS
 PROMPT_MARGIN_TOKENS = 256  # a sample's answer prefix is added after it is sized, and fwe overshoots its length
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 # the functions that build each task's samples, by module: each takes ``num_samples``
