@@ -111,7 +111,8 @@ def extend_gguf(source: str | Path, out: str | Path, factors: RopeFactors) -> Pa
     reader = gguf.GGUFReader(source)
     arch, geometry = gguf_geometry(reader)
     _check_factors(factors, geometry)
-    replaced = set(rope_keys(arch).values()) - {rope_keys(arch)["rotary_dim"], rope_keys(arch)["base"]}
+    keys = rope_keys(arch)
+    replaced = {keys[name] for name in ("context_length", "attention_scaling", "original_length")}  # _add_rope_fields
     with _gguf_writer(out, arch) as writer:
         for name, field in reader.fields.items():
             if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE or name in replaced:
