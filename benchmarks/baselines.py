@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from hpo import evaluate
+from hpo.evaluate import TaskInputs, evaluate, format_table
 from models.loading import DEFAULT_MODEL, load_model
+from models.rope import RopeGeometry
 from objectives.data import load_windows
 from objectives.perplexity import window_nll
 
@@ -54,11 +55,11 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     started = time.perf_counter()
-    rows = evaluate.run(evaluate.build_parser().parse_args(
-        ["--model", args.model, "--methods", args.methods, "--lengths", args.lengths, "--samples", "1",
-         "--dtype", "float32", "--no-progress"]))
+    model, tokenizer = load_model(args.model, dtype="float32")
+    rows = evaluate(model, tokenizer, RopeGeometry.from_config(model.config), args.methods.split(","), [], ["ppl"],
+                    [int(length) for length in args.lengths.split(",")], TaskInputs(progress=False))
     print("\n## Perplexity on the essays (first window, fp32)\n")
-    print(evaluate.format_table(rows))
+    print(format_table(rows))
 
     rates = throughput(args.model, args.throughput_length, args.repeats)
     print(f"\n## Throughput, {args.throughput_length:,}-token window, median of {args.repeats}\n")

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dashboards.figures import convergence
 from dashboards.report import render_html
+from hpo.cli import add_dtype_argument, checked_dtype
 from hpo.records import open_storage
 from hpo.study import Workload, load_workload, open_study, run_search, search_space_for
 from studies import SAMPLERS, StudyPreset, load_preset
@@ -101,13 +102,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated, the reference first; among " + ", ".join(SAMPLERS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, one run per sampler and seed")
     parser.add_argument("--no-pruning", action="store_true", help="measure every trial on every window")
+    add_dtype_argument(parser, None, "override the preset's [model] dtype; a study continues only in the dtype it "
+                       "began in, so give it when the runs move to a machine where auto picks another")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_samplers"))
     parser.add_argument("--html", type=Path, help="write the convergence figure of every run here")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     samplers = args.samplers.split(",")
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    base = load_preset(args.study).replace(search__n_trials=args.n_trials)
+    base = load_preset(args.study).replace(search__n_trials=args.n_trials, model__dtype=checked_dtype(args.dtype))
     if args.no_pruning:
         base = base.replace(search__pruning=False)
     workload = load_workload(base)

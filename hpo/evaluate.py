@@ -32,6 +32,7 @@ import logging
 import sys
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -61,21 +62,35 @@ DEFAULT_LENGTHS = [8192, 16384]
 Measure = Callable[[str], list[EvaluationRow]]
 
 
-def _perplexity_task(args: argparse.Namespace, model, tokenizer, length: int) -> Measure:
-    progress = not args.no_progress
-    if args.sliding_stride:
-        stream = load_windows(args.data, tokenizer, length * args.samples, 1, first_window=args.first_window,
-                              mode=args.window_mode, add_bos=False)[0]
+@dataclass(frozen=True)
+class TaskInputs:
+    """What the tasks read and how much of it: the same for every candidate and length."""
+
+    data: str = EMBEDDED_CORPUS  # a corpus name or path (objectives.data.load_windows)
+    samples: int = 1  # windows per length (ppl, needle-ppl), prompts per depth bin (passkey), per task (ruler)
+    first_window: int = 0  # windows of the corpus to skip
+    window_mode: str | None = None  # objectives.data.WINDOW_MODES; None: the corpus's own
+    sliding_stride_tokens: int | None = None  # ppl: one sliding window over the stream instead of separate windows
+    depth_bins: int = 5  # passkey: equal depth ranges the keys are drawn in
+    needles: int = 4  # needle-ppl: needles per window
+    seed: int = 0  # of the passkey keys and depths and the needles
+    progress: bool = True
+
+
+def _perplexity_task(inputs: TaskInputs, model, tokenizer, length: int) -> Measure:
+    if inputs.sliding_stride_tokens:
+        stream = load_windows(inputs.data, tokenizer, length * inputs.samples, 1, first_window=inputs.first_window,
+                              mode=inputs.window_mode, add_bos=False)[0]
 
         def score(name: str) -> PerplexityResult:
-            return sliding_window_perplexity(model, stream, length, args.sliding_stride,
-                                             bos_token_id=tokenizer.bos_token_id, progress=progress)
+            return sliding_window_perplexity(model, stream, length, inputs.sliding_stride_tokens,
+                                             bos_token_id=tokenizer.bos_token_id, progress=inputs.progress)
     else:
-        windows = load_windows(args.data, tokenizer, length, args.samples, first_window=args.first_window,
-                               mode=args.window_mode)
+        windows = load_windows(inputs.data, tokenizer, length, inputs.samples, first_window=inputs.first_window,
+                               mode=inputs.window_mode)
 
         def score(name: str) -> PerplexityResult:
-            return perplexity(model, windows, progress=progress, desc=f"{name}@{length}")
+            return perplexity(model, windows, progress=inputs.progress, desc=f"{name}@{length}")
 
     def measure(name: str) -> list[EvaluationRow]:
         result = score(name)
@@ -85,13 +100,13 @@ def _perplexity_task(args: argparse.Namespace, model, tokenizer, length: int) ->
     return measure
 
 
-def _needle_task(args: argparse.Namespace, model, tokenizer, length: int) -> Measure:
-    windows = load_windows(args.data, tokenizer, length, args.samples, first_window=args.first_window,
-                           mode=args.window_mode)
-    windows, masks = needle_windows(windows, tokenizer, args.needles, seed=args.seed)
+def _needle_task(inputs: TaskInputs, model, tokenizer, length: int) -> Measure:
+    windows = load_windows(inputs.data, tokenizer, length, inputs.samples, first_window=inputs.first_window,
+                           mode=inputs.window_mode)
+    windows, masks = needle_windows(windows, tokenizer, inputs.needles, seed=inputs.seed)
 
     def measure(name: str) -> list[EvaluationRow]:
-        result = perplexity(model, windows, score_masks=masks, progress=not args.no_progress,
+        result = perplexity(model, windows, score_masks=masks, progress=inputs.progress,
                             desc=f"{name}@{length} needles")
         return [EvaluationRow(name, length, result.seconds, result.tokens, len(windows), task="needle-ppl",
                               perplexity=result.perplexity)]
@@ -99,39 +114,40 @@ def _needle_task(args: argparse.Namespace, model, tokenizer, length: int) -> Mea
     return measure
 
 
-def _passkey_task(args: argparse.Namespace, model, tokenizer, length: int) -> Measure:
-    prompts = passkey_prompts(tokenizer, length, args.samples, depth_bins=args.depth_bins, seed=args.seed)
+def _passkey_task(inputs: TaskInputs, model, tokenizer, length: int) -> Measure:
+    prompts = passkey_prompts(tokenizer, length, inputs.samples, depth_bins=inputs.depth_bins, seed=inputs.seed)
 
     def measure(name: str) -> list[EvaluationRow]:
-        outcomes = evaluate_passkey(model, tokenizer, prompts, progress=not args.no_progress,
+        outcomes = evaluate_passkey(model, tokenizer, prompts, progress=inputs.progress,
                                     desc=f"{name}@{length} passkey")
         return [EvaluationRow(name, length, sum(o.seconds for o in cell), sum(o.prompt.input_ids.numel() for o in cell),
                               len(cell), task="passkey", accuracy=sum(o.correct for o in cell) / len(cell),
                               depth=depth)
-                for depth, cell in group_by_depth(outcomes, args.depth_bins).items()]
+                for depth, cell in group_by_depth(outcomes, inputs.depth_bins).items()]
 
     return measure
 
 
-def _ruler_task(args: argparse.Namespace, model, tokenizer, length: int, tasks: list[str]) -> Measure:
+def _ruler_task(inputs: TaskInputs, model, tokenizer, length: int, tasks: list[str]) -> Measure:
     essays = load_documents("essays") if any(task in ESSAY_TASKS for task in tasks) else []
 
     def measure(name: str) -> list[EvaluationRow]:
         return [EvaluationRow(name, length, score.seconds, score.prompt_tokens, score.samples,
                               task=RULER_PREFIX + score.task, accuracy=score.score)
-                for score in evaluate_ruler(model, tokenizer, tasks, length, args.samples, essays)]
+                for score in evaluate_ruler(model, tokenizer, tasks, length, inputs.samples, essays)]
 
     return measure
 
 
-TASK_BUILDERS: dict[str, Callable[[argparse.Namespace, object, object, int], Measure]] = {
+TaskBuilder = Callable[[TaskInputs, object, object, int], Measure]
+TASK_BUILDERS: dict[str, TaskBuilder] = {
     "ppl": _perplexity_task,
     "passkey": _passkey_task,
     "needle-ppl": _needle_task,
 }
 
 
-def _task_builders(tasks: list[str]) -> list[tuple[str, Callable[[argparse.Namespace, object, object, int], Measure]]]:
+def _task_builders(tasks: list[str]) -> list[tuple[str, TaskBuilder]]:
     """``(label, builder)`` per task to run: the RULER tasks asked (``ruler`` = its synthetic ones) as one."""
     ruler = [task.removeprefix(RULER_PREFIX) for task in tasks if task.startswith(RULER_PREFIX)]
     if "ruler" in tasks:
@@ -140,6 +156,36 @@ def _task_builders(tasks: list[str]) -> list[tuple[str, Callable[[argparse.Names
     if ruler:
         builders.append(("ruler", functools.partial(_ruler_task, tasks=ruler)))
     return builders
+
+
+def evaluate(model, tokenizer, geometry: RopeGeometry, methods: list[str], factor_sets: list[tuple[str, RopeFactors]],
+             tasks: list[str], lengths: list[int], inputs: TaskInputs) -> list[EvaluationRow]:
+    """Every candidate on every task of :data:`TASKS` at every length, on one loaded model.
+
+    The candidates are the baselines ``methods`` (built for ``geometry`` at each length; ``config`` is the
+    model's own RoPE, unpatched) and the named ``factor_sets``. Every row says the precision it was measured in.
+    """
+    builders = _task_builders(tasks)
+    dtype = str(model.dtype).removeprefix("torch.")
+    rows = []
+    bar = tqdm(total=len(lengths) * len(builders) * (len(methods) + len(factor_sets)), desc="evaluations",
+               unit="eval", disable=not inputs.progress)
+    for length in lengths:
+        candidates = [(name, None if name == CONFIG_METHOD else baseline(name, geometry, length))
+                      for name in methods] + factor_sets
+        for task, build in builders:
+            measure = build(inputs, model, tokenizer, length)
+            for name, factors in candidates:
+                bar.set_postfix_str(f"{name} {task}@{length}")
+                with patched(model, factors) if factors else nullcontext():
+                    new_rows = measure(name)
+                for row in new_rows:
+                    row.dtype = dtype
+                    logger.info("%s", describe(row))
+                rows += new_rows
+                bar.update(1)
+    bar.close()
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,7 +264,7 @@ def _names(text: str, known: Collection[str], what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[EvaluationRow]:
-    """Evaluate every candidate on every task and length of ``args`` (a :func:`build_parser` namespace).
+    """The command line's evaluation: loads the model and the candidates ``args`` name, then :func:`evaluate`.
 
     ``args.model`` is set to the model actually loaded, so callers can record it.
     """
@@ -226,7 +272,6 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
     tasks = _names(args.tasks, TASKS, "task")
     if not tasks:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
-    builders = _task_builders(tasks)
     found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)
     args.model = args.model or study_model_name or DEFAULT_MODEL
     precision = checked_dtype(args.dtype) or (found.metadata.get("dtype") if found else None) or "auto"
@@ -242,26 +287,11 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
         extra.insert(0, (f"longrope:{args.study}", found))
     lengths = args.lengths or ([geometry.original_length, found.target_length] if found else DEFAULT_LENGTHS)
 
-    rows = []
-    dtype = str(model.dtype).removeprefix("torch.")  # every row says the precision it was measured in
-    bar = tqdm(total=len(lengths) * len(builders) * (len(methods) + len(extra)), desc="evaluations", unit="eval",
-               disable=args.no_progress)
-    for length in lengths:
-        candidates = [(name, None if name == CONFIG_METHOD else baseline(name, geometry, length))
-                      for name in methods] + extra
-        for task, build in builders:
-            measure = build(args, model, tokenizer, length)
-            for name, factors in candidates:
-                bar.set_postfix_str(f"{name} {task}@{length}")
-                with patched(model, factors) if factors else nullcontext():
-                    new_rows = measure(name)
-                for row in new_rows:
-                    row.dtype = dtype
-                    logger.info("%s", describe(row))
-                rows += new_rows
-                bar.update(1)
-    bar.close()
-    return rows
+    inputs = TaskInputs(data=args.data, samples=args.samples, first_window=args.first_window,
+                        window_mode=args.window_mode, sliding_stride_tokens=args.sliding_stride,
+                        depth_bins=args.depth_bins, needles=args.needles, seed=args.seed,
+                        progress=not args.no_progress)
+    return evaluate(model, tokenizer, geometry, methods, extra, tasks, lengths, inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

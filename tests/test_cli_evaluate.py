@@ -1,4 +1,4 @@
-"""`python -m objectives.evaluate` as a user runs it, on the embedded model at short lengths."""
+"""`python -m hpo.evaluate` as a user runs it, on the embedded model at short lengths."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ SHORT = ["--lengths", "256", "--samples", "2", "--original-length", "128", "--no
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "objectives.evaluate", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hpo.evaluate", *args], capture_output=True, text=True,
                           timeout=600)
 
 
