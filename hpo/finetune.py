@@ -63,6 +63,7 @@ from transformers import get_cosine_schedule_with_warmup
 from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
 from hpo.records import StorageError, StudyError, stage_for, study_dir, study_factors
 from models.assets import AssetError
+from models.atomic import SCRATCH_SUFFIX, move_into_place, remove, written_atomically
 from models.export import save_extended_model
 from models.loading import ModelLoadError, load_model, pick_attention, pick_device, pick_dtype
 from models.patch import apply_factors
@@ -227,17 +228,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, factors: RopeFactors) -> Path:
     """Write ``checkpoint-STEP`` under a temporary name, rename it, then drop the older checkpoints."""
     final = run_dir / f"{CHECKPOINT_PREFIX}{state.step}"
-    scratch = final.with_name(final.name + ".partial")
+    scratch = final.with_name(final.name + SCRATCH_SUFFIX)  # one name for every process: they all write into it
     if accelerator.is_main_process:
-        for leftover in run_dir.glob("*.partial"):
-            shutil.rmtree(leftover)
+        for leftover in run_dir.glob(f"*{SCRATCH_SUFFIX}"):
+            remove(leftover)
     accelerator.wait_for_everyone()
     accelerator.save_state(scratch)
     if accelerator.is_main_process:
         factors.save(scratch / FACTORS_FILE)
         (scratch / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of this step (no state file)
-        scratch.rename(final)
+        move_into_place(scratch, final)  # over an incomplete leftover of this step (no state file)
         for old in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
             if old != final:
                 shutil.rmtree(old)
@@ -454,12 +454,9 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
 def export_model(model: nn.Module, tokenizer, factors: RopeFactors, export_dir: Path) -> None:
     """Save ``model`` with a ``longrope`` config for ``factors`` and their factor file, replacing ``export_dir``
     only once complete."""
-    scratch = export_dir.with_name(export_dir.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    save_extended_model(model, tokenizer, scratch, long_factors=factors)
-    factors.save(scratch / FACTORS_FILE)
-    shutil.rmtree(export_dir, ignore_errors=True)
-    scratch.rename(export_dir)
+    with written_atomically(export_dir) as scratch:
+        save_extended_model(model, tokenizer, scratch, long_factors=factors)
+        factors.save(scratch / FACTORS_FILE)
     logger.info("wrote %s", export_dir)
 
 

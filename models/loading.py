@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import socket
 import struct
 from pathlib import Path
@@ -36,6 +35,7 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 
 from models import assets
+from models.atomic import written_atomically
 from models.precision import fastest_cpu_dtype
 
 logger = logging.getLogger(__name__)
@@ -208,12 +208,8 @@ def _embedded_model_dir(name: str) -> Path:
     target = assets.cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
-    scratch = target.with_name(target.name + f".partial-{os.getpid()}")
-    EMBEDDED_MODELS[name](scratch)
-    if target.exists():  # another process finished the same conversion first
-        shutil.rmtree(scratch)
-    else:
-        scratch.replace(target)
+    with written_atomically(target, keep_existing=True) as scratch:  # another process may finish it first
+        EMBEDDED_MODELS[name](scratch)
     return target
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from models import assets
+from models.atomic import written_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +136,8 @@ def probed_seconds(shape: LayerShape) -> dict[str, float]:
     if key not in cache:
         logger.info("measuring which dtype runs this model fastest on this CPU (once per machine)")
         cache[key] = {str(dtype).removeprefix("torch."): time_layer(shape, dtype) for dtype in CANDIDATE_DTYPES}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{time.monotonic_ns()}.partial")  # concurrent probes: last rename wins
-        scratch.write_text(json.dumps(cache, indent=1))
-        scratch.replace(path)
+        with written_atomically(path) as scratch:  # concurrent probes: the last one wins
+            scratch.write_text(json.dumps(cache, indent=1))
     return cache[key]
 
 

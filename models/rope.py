@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from models.atomic import written_atomically
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "longrope-hpo/rope-factors"
@@ -178,10 +180,9 @@ class RopeFactors:
         )
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        with written_atomically(path) as scratch:
+            scratch.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, geometry: RopeGeometry | None = None) -> RopeFactors:

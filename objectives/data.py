@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from models import assets
+from models.atomic import written_atomically
 
 EMBEDDED_CORPUS = "essays"
 HOLMES_CORPUS = "holmes"
@@ -144,10 +145,8 @@ def tokenize_documents(documents: Sequence[str], tokenizer, mode: str) -> list[t
             pass
     streams = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
                for text in texts]
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    scratch = cache_file.with_suffix(".partial")
-    torch.save(streams, scratch)
-    scratch.replace(cache_file)
+    with written_atomically(cache_file) as scratch:
+        torch.save(streams, scratch)
     return streams
 
 
