@@ -31,7 +31,8 @@ import plotly.io as pio
 from optuna.trial import TrialState
 
 from dashboards.figures import report_figures
-from hpo.records import SEARCH_SPACE_ATTR, ResultsError, StorageError, load_study, read_results, study_dir
+from hpo.cli import command
+from hpo.records import SEARCH_SPACE_ATTR, load_study, read_results, study_dir
 
 T = TypeVar("T")
 
@@ -147,20 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     html_path = args.html or study_dir(args.study[0], args.out[0] if args.out else None) / REPORT_FILE
-    try:
-        if html_path.is_dir():
-            raise ValueError(f"--html {html_path} is a directory: give the report's file name, e.g. "
-                             f"{html_path / REPORT_FILE}")
-        studies = open_studies(args.study, args.storage, args.out)
-        results = gather_results(args.results, args.study, args.out)
-        figures = report_figures(studies, results, top=args.top)
-    except (StorageError, ResultsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if html_path.is_dir():
+        raise ValueError(f"--html {html_path} is a directory: give the report's file name, e.g. "
+                         f"{html_path / REPORT_FILE}")
+    studies = open_studies(args.study, args.storage, args.out)
+    results = gather_results(args.results, args.study, args.out)
+    figures = report_figures(studies, results, top=args.top)
     if results is None:
         print("no evaluation results (pass --results FILE): the perplexity and passkey figures are left out")
     title = "LongRoPE study " + " vs ".join(args.study)

@@ -40,11 +40,10 @@ from optuna.trial import TrialState
 
 from dashboards.figures import report_figures
 from dashboards.report import gather_results
+from hpo.cli import command
 from hpo.records import (
     BEST_FACTORS_FILE,
     ROPE_PARAMETERS_FILE,
-    ResultsError,
-    StorageError,
     best_factors,
     load_study,
     study_dir,
@@ -166,20 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directory = study_dir(args.study, args.out)
-    try:
-        study = load_study(args.study, args.storage, args.out)
-        results = gather_results(args.results, [args.study], [directory])
-        figures = report_figures([study], results)
-        # a live study without a complete trial is served too, to watch it grow; it has no factors yet
-        factors = best_factors(study) if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
-    except (StorageError, ResultsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    study = load_study(args.study, args.storage, args.out)
+    results = gather_results(args.results, [args.study], [directory])
+    figures = report_figures([study], results)
+    # a live study without a complete trial is served too, to watch it grow; it has no factors yet
+    factors = best_factors(study) if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
     artifact_dir = args.artifact_dir or directory / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(artifact_dir))

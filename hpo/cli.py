@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import sys
+from collections.abc import Callable
 
 import optuna
 import transformers
+
+from hpo.records import StorageError
+from models.assets import AssetError
+from models.loading import ModelLoadError
 
 
 def configure_logging(quiet: bool = False) -> None:
@@ -47,3 +54,33 @@ def positive(kind: type, allow_zero: bool = False):
 
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" message
     return parse
+
+
+# What a user can fix (a wrong name or value, a model or a cluster that cannot be reached, a text too short,
+# a factor file of the wrong length, a broken storage URL): one line and exit status 2, not a traceback.
+# The errors of a bad input (PresetError, StudyError, ResultsError, FactorError, DataError, RulerError,
+# GgufExportError...) are ValueErrors; the others are the runtime errors of what the command reaches.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, StorageError, AssetError, ModelLoadError)
+
+
+def command(interrupted: str | None = None, more_errors: tuple[type[Exception], ...] = ()
+            ) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a command's ``main``: a :data:`USER_ERRORS` (or one of ``more_errors``, those of layers the
+    readers must not import, such as the runner's backend) becomes ``error: ...`` on stderr and status 2,
+    and with ``interrupted`` a Ctrl-C (or a stop signal turned into one) prints ``interrupted: ...`` and
+    exits 130 (what to run to continue); without it, Ctrl-C propagates as usual."""
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def checked(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except (*USER_ERRORS, *more_errors) as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                if interrupted is None:
+                    raise
+                print(f"interrupted: {interrupted}", file=sys.stderr)
+                return 130
+        return checked
+    return decorate

@@ -37,18 +37,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from hpo.cli import add_dtype_argument, checked_dtype, configure_logging, positive
-from hpo.records import RULER_PREFIX, EvaluationRow, StorageError, study_dir, study_factors, write_results
-from models.assets import AssetError
+from hpo.cli import add_dtype_argument, checked_dtype, command, configure_logging, positive
+from hpo.records import RULER_PREFIX, EvaluationRow, study_dir, study_factors, write_results
 from models.baselines import BASELINES, baseline
-from models.loading import DEFAULT_MODEL, ModelLoadError, load_model
+from models.loading import DEFAULT_MODEL, load_model
 from models.patch import patched
-from models.rope import FactorError, RopeFactors, RopeGeometry
-from objectives.data import EMBEDDED_CORPUS, WINDOW_MODES, DataError, load_documents, load_windows
+from models.rope import RopeFactors, RopeGeometry
+from objectives.data import EMBEDDED_CORPUS, WINDOW_MODES, load_documents, load_windows
 from objectives.needle import needle_windows
 from objectives.passkey import evaluate_passkey, group_by_depth, passkey_prompts
 from objectives.perplexity import PerplexityResult, perplexity, sliding_window_perplexity
-from objectives.ruler import ESSAY_TASKS, RULER_TASKS, SYNTHETIC_TASKS, RulerError, evaluate_ruler
+from objectives.ruler import ESSAY_TASKS, RULER_TASKS, SYNTHETIC_TASKS, evaluate_ruler
 
 logger = logging.getLogger(__name__)
 
@@ -346,14 +345,11 @@ def format_table(rows: list[EvaluationRow]) -> str:
     return "\n\n".join(blocks)
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    try:
-        rows = run(args)
-    except (AssetError, ModelLoadError, FactorError, DataError, StorageError, RulerError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rows = run(args)
     print(format_table(rows))
     csv_path, json_path = args.csv, args.json
     if args.study and csv_path is None and json_path is None:

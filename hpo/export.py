@@ -23,8 +23,8 @@ from pathlib import Path
 
 import optuna
 
+from hpo.cli import command
 from hpo.records import (
-    StorageError,
     StudyError,
     best_factors,
     exported_factors,
@@ -33,11 +33,10 @@ from hpo.records import (
     study_stage,
     writable_dir,
 )
-from models.assets import AssetError
 from models.export import save_extended_model
-from models.gguf_export import WEIGHT_TYPES, GgufExportError, extend_gguf, model_to_gguf
-from models.loading import ModelLoadError, gguf_file, load_model
-from models.rope import FactorError, RopeFactors
+from models.gguf_export import WEIGHT_TYPES, extend_gguf, model_to_gguf
+from models.loading import gguf_file, load_model
+from models.rope import RopeFactors
 
 
 def exported_pair(study: optuna.Study, short_study: optuna.Study | None = None
@@ -74,44 +73,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.to is None and args.gguf is None:
         parser.error("say where to write: --to DIR, --gguf FILE, or both")
-    try:
-        if args.to is not None:  # checked first: save_pretrained only logs an error for a file, writes nothing
-            writable_dir(args.to, "--to")
-        if args.gguf is not None:
-            if args.gguf.is_dir():
-                raise StudyError(f"--gguf {args.gguf} is a folder: give the file to write, e.g. {args.gguf}/model.gguf")
-            writable_dir(args.gguf.parent, "--gguf's folder")
-        study = load_study(args.study, args.storage, args.out)
-        short_study = load_study(args.short_from, None, args.short_out) if args.short_from else None
-        long_factors, short_factors = exported_pair(study, short_study)
-        model_name = study_model(study)
-        if model_name is None:
-            raise StudyError(f"study {args.study!r} does not record which model it searched (made before studies "
-                             f"recorded their settings): run `python -m hpo.run` on it once to record them")
-        source_gguf = gguf_file(model_name)  # a GGUF is copied from it, not converted from the loaded model
-        if args.to is not None or source_gguf is None:
-            model, tokenizer = load_model(model_name, dtype="float32")
-        if args.to is not None:
-            save_extended_model(model, tokenizer, args.to, long_factors, short_factors)
-            print(f"wrote {args.to}: {model_name} with long factors for {long_factors.target_length:,} tokens"
-                  + (" and short factors for the original window" if short_factors else ""))
-        if args.gguf is not None:
-            if source_gguf is not None:
-                extend_gguf(source_gguf, args.gguf, long_factors)
-                how = f"copied from {source_gguf.name}"
-            else:
-                model_to_gguf(model, tokenizer, args.gguf, long_factors, args.gguf_type)
-                how = f"converted to {args.gguf_type}"
-            print(f"wrote {args.gguf}: {model_name} ({how}) with its factors for {long_factors.target_length:,} "
-                  f"tokens as rope_freqs" + ("; its short factors are not in a GGUF" if short_factors else ""))
-    except (StudyError, StorageError, AssetError, ModelLoadError, FactorError, GgufExportError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.to is not None:  # checked first: save_pretrained only logs an error for a file, writes nothing
+        writable_dir(args.to, "--to")
+    if args.gguf is not None:
+        if args.gguf.is_dir():
+            raise StudyError(f"--gguf {args.gguf} is a folder: give the file to write, e.g. {args.gguf}/model.gguf")
+        writable_dir(args.gguf.parent, "--gguf's folder")
+    study = load_study(args.study, args.storage, args.out)
+    short_study = load_study(args.short_from, None, args.short_out) if args.short_from else None
+    long_factors, short_factors = exported_pair(study, short_study)
+    model_name = study_model(study)
+    if model_name is None:
+        raise StudyError(f"study {args.study!r} does not record which model it searched (made before studies "
+                         f"recorded their settings): run `python -m hpo.run` on it once to record them")
+    source_gguf = gguf_file(model_name)  # a GGUF is copied from it, not converted from the loaded model
+    if args.to is not None or source_gguf is None:
+        model, tokenizer = load_model(model_name, dtype="float32")
+    if args.to is not None:
+        save_extended_model(model, tokenizer, args.to, long_factors, short_factors)
+        print(f"wrote {args.to}: {model_name} with long factors for {long_factors.target_length:,} tokens"
+              + (" and short factors for the original window" if short_factors else ""))
+    if args.gguf is not None:
+        if source_gguf is not None:
+            extend_gguf(source_gguf, args.gguf, long_factors)
+            how = f"copied from {source_gguf.name}"
+        else:
+            model_to_gguf(model, tokenizer, args.gguf, long_factors, args.gguf_type)
+            how = f"converted to {args.gguf_type}"
+        print(f"wrote {args.gguf}: {model_name} ({how}) with its factors for {long_factors.target_length:,} "
+              f"tokens as rope_freqs" + ("; its short factors are not in a GGUF" if short_factors else ""))
     return 0
 
 

@@ -60,17 +60,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from hpo.cli import add_dtype_argument, checked_dtype, configure_logging
-from hpo.records import StorageError, StudyError, stage_for, study_dir, study_factors
-from models.assets import AssetError
+from hpo.cli import add_dtype_argument, checked_dtype, command, configure_logging
+from hpo.records import stage_for, study_dir, study_factors
 from models.atomic import SCRATCH_SUFFIX, move_into_place, remove, written_atomically
 from models.export import save_extended_model
-from models.loading import ModelLoadError, load_model, pick_attention, pick_device, pick_dtype
+from models.loading import load_model, pick_attention, pick_device, pick_dtype
 from models.patch import apply_factors
-from models.rope import FactorError, RopeFactors, RopeGeometry, warn_if_other_window
+from models.rope import RopeFactors, RopeGeometry, warn_if_other_window
 from objectives.data import DataError, default_window_mode, load_documents, tokenize_documents
 from objectives.perplexity import window_nll
-from studies import PresetError, StudyPreset, load_preset
+from studies import StudyPreset, load_preset
 
 logger = logging.getLogger("hpo.finetune")
 
@@ -525,28 +524,21 @@ def format_summary(summary: dict) -> str:
     ])
 
 
+@command(interrupted="the latest checkpoint is kept; run the same command to continue")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.quiet)
-    try:
-        preset = load_preset(args.study).replace(
-            finetune__steps=args.steps, finetune__lora=args.lora or None, finetune__learning_rate=args.lr,
-            finetune__sequence_length=args.sequence_length, finetune__mixed_short_fraction=args.mixed_short_fraction,
-            finetune__seed=args.seed, finetune__dtype=checked_dtype(args.dtype), model__device=args.device)
-        if args.factors:
-            factors = RopeFactors.load(args.factors)
-        else:
-            factors, _ = study_factors(preset.name, args.storage, args.out)
-        out_dir = study_dir(preset.name, args.out)
-        finished = finetune(preset, factors, out_dir, resume=args.resume, progress=not args.quiet,
-                            stop_after=args.stop_after)
-    except (PresetError, StudyError, StorageError, AssetError, ModelLoadError, FactorError, DataError,
-            ValueError) as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the latest checkpoint is kept; run the same command to continue", file=sys.stderr)
-        return 130
+    preset = load_preset(args.study).replace(
+        finetune__steps=args.steps, finetune__lora=args.lora or None, finetune__learning_rate=args.lr,
+        finetune__sequence_length=args.sequence_length, finetune__mixed_short_fraction=args.mixed_short_fraction,
+        finetune__seed=args.seed, finetune__dtype=checked_dtype(args.dtype), model__device=args.device)
+    if args.factors:
+        factors = RopeFactors.load(args.factors)
+    else:
+        factors, _ = study_factors(preset.name, args.storage, args.out)
+    out_dir = study_dir(preset.name, args.out)
+    finished = finetune(preset, factors, out_dir, resume=args.resume, progress=not args.quiet,
+                        stop_after=args.stop_after)
     if finished is None:
         print(f"stopped by --stop-after {args.stop_after}; run the same command without it to continue")
         return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from hpo.early_stopping import StopRule, forget_stale_stop, stopper
 from hpo.records import ERROR_ATTR, StopSignals, TrialClaims, interrupt_trial, interrupts_held, worker_name
 from hpo.search_space import RopeSearchSpace
 from hpo.study import BackendError, TrialProgress, Workload, load_workload, open_claims, search_space_for
+from models.loading import connection_error
 from studies import StudyPreset
 
 METRIC = "perplexity"
@@ -70,13 +70,11 @@ class RayOptions:
 
 
 def _check_reachable(address: str) -> None:
-    # ray.init retries an unreachable head for minutes; a plain TCP connect says so in seconds.
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except (OSError, ValueError) as error:
+    error = connection_error(host, int(port), timeout_s=5) if port.isdigit() else f"no port in {address!r}"
+    if error:
         raise BackendError(f"cannot reach a Ray cluster at {address!r} ({error}); "
-                           "--ray-address takes the head node's host:port") from None
+                           "--ray-address takes the head node's host:port")
 
 
 def connect(options: RayOptions) -> None:

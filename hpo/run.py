@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpo.cli import add_dtype_argument, checked_dtype, configure_logging, positive
+from hpo.cli import add_dtype_argument, checked_dtype, command, configure_logging, positive
 from hpo.outputs import write_outputs
 from hpo.records import (
     STOPPED_ATTR,
     StopSignals,
-    StorageError,
     check_outputs_are_its_own,
     default_storage_url,
     open_storage,
@@ -43,11 +42,7 @@ from hpo.study import (
     run_search,
     search_space_for,
 )
-from models.assets import AssetError
-from models.loading import ModelLoadError
-from models.rope import FactorError
-from objectives.data import DataError
-from studies import SAMPLERS, PresetError, StudyPreset, list_presets, load_preset
+from studies import SAMPLERS, StudyPreset, list_presets, load_preset
 
 logger = logging.getLogger("hpo.run")
 RAY_OPTIONS = ("address", "cpus_per_trial", "gpus_per_trial", "max_concurrent")  # hpo.ray_backend.RayOptions fields
@@ -120,6 +115,8 @@ def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPrese
                           search__pruning=False if args.no_pruning else None)
 
 
+@command(interrupted="every finished trial is in the storage, and the running one's parameters are queued to "
+                     "run first; run the same command to continue", more_errors=(BackendError,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with StopSignals() as stop_signals:  # SIGTERM (a scheduler, `kill`) ends the run as Ctrl-C does
@@ -135,37 +132,28 @@ def run_command(args: argparse.Namespace, stop_signals: StopSignals | None = Non
     if not args.study:
         build_parser().error("--study is required (or --list)")
     started = time.perf_counter()
-    try:
-        ray_settings = ray_arguments(args)
-        preset = apply_overrides(load_preset(args.study), args)
-        out_dir = writable_dir(study_dir(preset.name, args.out), "--out")
-        storage = open_storage(preset.storage or default_storage_url(out_dir))
-        check_outputs_are_its_own(out_dir, preset.name, storage)
-        if args.backend == "ray":  # before loading the model: a bad address fails in seconds
-            ray_backend = load_ray_backend()
-            options = ray_backend.RayOptions(**ray_settings)
-            ray_backend.connect(options)
-        workload = load_workload(preset)
-        space = search_space_for(preset, workload)
-        study = open_study(preset, storage, space, workload)
-        logger.info("study %r in %s: %d trials so far, target %d, %s backend, pruning %s", preset.name,
-                    preset.storage or default_storage_url(out_dir), len(study.trials), preset.search.n_trials,
-                    args.backend, "on" if preset.search.pruning else "off")
-        if args.backend == "ray":
-            ray_backend.run_search_ray(study, storage, workload, space, preset, options, out_dir,
-                                       progress=not args.quiet, stop_signals=stop_signals)
-        else:
-            run_search(study, storage, workload, space, preset, progress=not args.quiet, stop_signals=stop_signals)
-        rows = compare_with_baselines(study, workload, space)
-        paths = write_outputs(out_dir, study, preset, workload.model_geometry, rows)
-    except (PresetError, StorageError, BackendError, AssetError, ModelLoadError, FactorError, DataError,
-            ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: every finished trial is in the storage, and the running one's parameters are queued "
-              "to run first; run the same command to continue", file=sys.stderr)
-        return 130
+    ray_settings = ray_arguments(args)
+    preset = apply_overrides(load_preset(args.study), args)
+    out_dir = writable_dir(study_dir(preset.name, args.out), "--out")
+    storage = open_storage(preset.storage or default_storage_url(out_dir))
+    check_outputs_are_its_own(out_dir, preset.name, storage)
+    if args.backend == "ray":  # before loading the model: a bad address fails in seconds
+        ray_backend = load_ray_backend()
+        options = ray_backend.RayOptions(**ray_settings)
+        ray_backend.connect(options)
+    workload = load_workload(preset)
+    space = search_space_for(preset, workload)
+    study = open_study(preset, storage, space, workload)
+    logger.info("study %r in %s: %d trials so far, target %d, %s backend, pruning %s", preset.name,
+                preset.storage or default_storage_url(out_dir), len(study.trials), preset.search.n_trials,
+                args.backend, "on" if preset.search.pruning else "off")
+    if args.backend == "ray":
+        ray_backend.run_search_ray(study, storage, workload, space, preset, options, out_dir,
+                                   progress=not args.quiet, stop_signals=stop_signals)
+    else:
+        run_search(study, storage, workload, space, preset, progress=not args.quiet, stop_signals=stop_signals)
+    rows = compare_with_baselines(study, workload, space)
+    paths = write_outputs(out_dir, study, preset, workload.model_geometry, rows)
     print(format_comparison(rows, preset))
     print(f"\n{len(study.trials)} trials in the study; this run took {time.perf_counter() - started:.0f}s")
     if reason := study.user_attrs.get(STOPPED_ATTR):

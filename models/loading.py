@@ -242,15 +242,23 @@ def _load_pretrained(source: str, dtype: torch.dtype, attn: str, **hub_options: 
     return model, tokenizer
 
 
+def connection_error(host: str, port: int, timeout_s: float) -> OSError | None:
+    """Why one TCP connect to ``host:port`` failed, or ``None`` when it succeeded.
+
+    Clients of the hub and of a Ray cluster retry an unreachable server for minutes; this says so in
+    seconds, before they start.
+    """
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        return error
+    return None
+
+
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One quick TCP connect, so an offline machine fails in seconds rather than after minutes of retries."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
+    return connection_error(endpoint.hostname, port, timeout_s) is None
 
 
 def _load_from_hub(hub_id: str, dtype: torch.dtype, attn: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
