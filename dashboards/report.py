@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 
 from dashboards.figures import report_figures
 from hpo.cli import command
-from hpo.records import SEARCH_SPACE_ATTR, load_study, read_results, study_dir
+from hpo.records import EVALUATION_FILE, SEARCH_SPACE_ATTR, load_study, read_results, study_dir
 
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ def gather_results(paths: Sequence[Path], names: Sequence[str], outs: Sequence[P
     """The evaluation tables of ``paths``, or else each study's ``evaluation.csv``, in one frame (None if none)."""
     if not paths:
         paths = [found for name, out in zip(names, per_study(outs, names, "--out"), strict=True)
-                 if (found := study_dir(name, out) / "evaluation.csv").is_file()]
+                 if (found := study_dir(name, out) / EVALUATION_FILE).is_file()]
     if not paths:
         return None
     return pd.concat([read_results(path) for path in paths], ignore_index=True)

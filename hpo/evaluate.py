@@ -38,7 +38,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from hpo.cli import add_dtype_argument, checked_dtype, command, configure_logging, positive
-from hpo.records import RULER_PREFIX, EvaluationRow, study_dir, study_factors, write_results
+from hpo.records import EVALUATION_FILE, RULER_PREFIX, EvaluationRow, study_dir, study_factors, write_results
 from models.baselines import BASELINES, baseline
 from models.loading import DEFAULT_MODEL, load_model
 from models.patch import patched
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     csv_path, json_path = args.csv, args.json
     if args.study and csv_path is None and json_path is None:
-        csv_path = study_dir(args.study, args.out) / "evaluation.csv"
+        csv_path = study_dir(args.study, args.out) / EVALUATION_FILE
         json_path = csv_path.with_suffix(".json")
     meta = {"model": args.model, "data": args.data, "study": args.study, "tasks": args.tasks, "seed": args.seed}
     for path in write_results(rows, csv=csv_path, json_path=json_path, meta=meta):

@@ -61,7 +61,15 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from hpo.cli import add_dtype_argument, checked_dtype, command, configure_logging
-from hpo.records import stage_for, study_dir, study_factors
+from hpo.records import (
+    FINETUNE_DIR,
+    FINETUNE_SUMMARY_FILE,
+    FINETUNED_DIR,
+    FINETUNED_FACTORS_FILE,
+    stage_for,
+    study_dir,
+    study_factors,
+)
 from models.atomic import SCRATCH_SUFFIX, move_into_place, remove, written_atomically
 from models.export import save_extended_model
 from models.loading import load_model, pick_attention, pick_device, pick_dtype
@@ -75,7 +83,6 @@ logger = logging.getLogger("hpo.finetune")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "finetune_state.json"
-FACTORS_FILE = "rope_factors.json"
 MAX_GRAD_NORM = 1.0
 IGNORE_INDEX = -100  # transformers' cross-entropy skips these labels
 ResumeMode = Literal["auto", "must", "restart"]
@@ -234,7 +241,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
     accelerator.wait_for_everyone()
     accelerator.save_state(scratch)
     if accelerator.is_main_process:
-        factors.save(scratch / FACTORS_FILE)
+        factors.save(scratch / FINETUNED_FACTORS_FILE)
         (scratch / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
         move_into_place(scratch, final)  # over an incomplete leftover of this step (no state file)
         for old in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
@@ -327,7 +334,7 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
     """
     tune = preset.finetune
     out_dir, started = Path(out_dir), time.perf_counter()
-    run_dir = out_dir / "finetune"
+    run_dir = out_dir / FINETUNE_DIR
     device = pick_device(preset.model.device)
     stage = stage_for(preset)
     if stage and stage.mode == "short":
@@ -375,7 +382,7 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
     if checkpoint is not None:
         accelerator.load_state(checkpoint)
         state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
-        saved = RopeFactors.load(checkpoint / FACTORS_FILE)
+        saved = RopeFactors.load(checkpoint / FINETUNED_FACTORS_FILE)
         if saved != factors:
             logger.warning("resuming with the factors %s was started with, not the ones given now "
                            "(--restart to train with those)", checkpoint)
@@ -442,10 +449,10 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
     if state.step < tune.steps:
         logger.info("stopped at step %d of %d: run again to continue from %s", state.step, tune.steps, run_dir)
         return None
-    export_dir = out_dir / "finetuned"
+    export_dir = out_dir / FINETUNED_DIR
     if accelerator.is_main_process:
         export_model(raw_model.merge_and_unload() if tune.lora else raw_model, tokenizer, factors, export_dir)
-        write_summary(run_dir / "summary.json", preset, state, export_dir, time.perf_counter() - started)
+        write_summary(run_dir / FINETUNE_SUMMARY_FILE, preset, state, export_dir, time.perf_counter() - started)
     accelerator.wait_for_everyone()
     return export_dir
 
@@ -455,7 +462,7 @@ def export_model(model: nn.Module, tokenizer, factors: RopeFactors, export_dir: 
     only once complete."""
     with written_atomically(export_dir) as scratch:
         save_extended_model(model, tokenizer, scratch, long_factors=factors)
-        factors.save(scratch / FACTORS_FILE)
+        factors.save(scratch / FINETUNED_FACTORS_FILE)
     logger.info("wrote %s", export_dir)
 
 
@@ -542,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     if finished is None:
         print(f"stopped by --stop-after {args.stop_after}; run the same command without it to continue")
         return 0
-    print(format_summary(json.loads((out_dir / "finetune" / "summary.json").read_text())))
+    print(format_summary(json.loads((out_dir / FINETUNE_DIR / FINETUNE_SUMMARY_FILE).read_text())))
     return 0
 
 

@@ -66,6 +66,11 @@ BEST_FACTORS_FILE = "best_factors.json"
 ROPE_PARAMETERS_FILE = "rope_parameters.json"
 RESULTS_FILE = "results.json"
 OUTPUT_FILES = (BEST_FACTORS_FILE, ROPE_PARAMETERS_FILE, RESULTS_FILE)
+EVALUATION_FILE = "evaluation.csv"  # python -m hpo.evaluate --study, with its .json twin
+FINETUNE_DIR = "finetune"  # python -m hpo.finetune's checkpoints and summary
+FINETUNE_SUMMARY_FILE = "summary.json"  # in FINETUNE_DIR
+FINETUNED_DIR = "finetuned"  # the fine-tuned model, with the factors it was trained with
+FINETUNED_FACTORS_FILE = "rope_factors.json"  # in FINETUNED_DIR and in each checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------
 # Record keys: the study's user attrs, the sampler's system attrs that readers use, the trials' attrs
@@ -266,8 +271,8 @@ def stage_for(preset: StudyPreset) -> Stage | None:
         return None
     directory = study_dir(extend.from_study, extend.from_dir)
     if extend.finetuned:
-        model_dir = directory / "finetuned"
-        factor_file = model_dir / "rope_factors.json"
+        model_dir = directory / FINETUNED_DIR
+        factor_file = model_dir / FINETUNED_FACTORS_FILE
         missing = f"run `python -m hpo.finetune --study {extend.from_study}` first (or set extend.finetuned = false)"
         model = str(model_dir)
     else:

@@ -223,13 +223,19 @@ def _checked(preset: StudyPreset) -> StudyPreset:
             problems.append(f"search.{name} must be a positive integer, got {value!r}")
     if isinstance(search.parents, int) and isinstance(search.population, int) and search.parents > search.population:
         problems.append("search.parents cannot exceed search.population")
-    if not search.start_tokens or any(not isinstance(n, int) or n < 0 for n in search.start_tokens):
-        problems.append(f"search.start_tokens must be a list of integers >= 0, got {search.start_tokens!r}")
+    # Everything the search space (hpo.search_space) would refuse that the preset alone decides is refused
+    # here, when the preset loads, rather than after the model and the text have.
+    tokens = search.start_tokens
+    if not tokens or any(not isinstance(n, int) or n < 0 for n in tokens) or len(set(tokens)) < len(tokens):
+        problems.append(f"search.start_tokens must be a list of distinct integers >= 0, got {tokens!r}")
     if search.attention_scaling is not None and (
-        len(search.attention_scaling) != 2 or not 0 < search.attention_scaling[0] <= search.attention_scaling[1]
+        len(search.attention_scaling) != 2 or not 0 < search.attention_scaling[0] < search.attention_scaling[1]
     ):
-        problems.append(f"search.attention_scaling must be [low, high] with 0 < low <= high, "
-                        f"got {search.attention_scaling!r}")
+        problems.append(f"search.attention_scaling must be [low, high] with 0 < low < high (to fix it, leave it "
+                        f"out: LongRoPE's default), got {search.attention_scaling!r}")
+    if search.max_factor is not None and not (isinstance(search.max_factor, int | float) and search.max_factor > 1):
+        problems.append(f"search.max_factor must be a number > 1 (factors only interpolate), "
+                        f"got {search.max_factor!r}")
     swept = search.critical_dim if isinstance(search.critical_dim, tuple) else None
     if swept is not None:
         if not swept or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in swept):

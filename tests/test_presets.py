@@ -107,6 +107,10 @@ def write(tmp_path, text: str):
         ("target_length = 100\n[search]\nsampler = 'bayes'\n", "sampler must be one of longrope, tpe, cmaes, gp"),
         ("target_length = 100\n[search]\nsampler = 'gp'\ncritical_dim = 'auto'\n", "critical_dim .LongRoPE2. needs"),
         ("target_length = 100\n[search]\ncurve_knots = 1\n", "curve_knots must be an integer >= 2"),
+        # refused when the preset loads, not by the search space after the model has loaded
+        ("target_length = 100\n[search]\nattention_scaling = [1.1, 1.1]\n", "0 < low < high"),
+        ("target_length = 100\n[search]\nstart_tokens = [0, 4, 4]\n", "distinct integers"),
+        ("target_length = 100\n[search]\nmax_factor = 0.5\n", "max_factor must be a number > 1"),
     ],
 )
 def test_malformed_presets(tmp_path, text, message):
