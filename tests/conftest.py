@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -94,9 +96,34 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def run_tiny_study(out: Path) -> Path:
-    """Run the tiny preset for real into ``out`` (a random 2-layer llama, 128 -> 256 tokens, about 20 s)."""
+@pytest.fixture(scope="session")
+def _tiny_study_once(tmp_path_factory) -> Path:
+    """The tiny preset run for real once per test session (a random 2-layer llama, 128 -> 256 tokens, about 20 s)."""
+    out = tmp_path_factory.mktemp("tiny-once")
     done = subprocess.run([sys.executable, "-m", "hpo.run", "--study", "tiny", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(_tiny_study_once: Path, tmp_path_factory) -> Path:
+    """A finished tiny study (storage and outputs) of the module's own, which its tests may add to freely."""
+    out = tmp_path_factory.mktemp("tiny")
+    shutil.copytree(_tiny_study_once, out, dirs_exist_ok=True)
+    return out
+
+
+@contextmanager
+def deadline(seconds: int, what: str) -> Iterator[None]:
+    """Fail the test with ``TimeoutError`` when the block (a wait on a condition) runs over ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"waited over {seconds}s for {what}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

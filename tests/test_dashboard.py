@@ -9,7 +9,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import optuna
 import pytest
@@ -18,14 +17,8 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from dashboards.figures import report_figures
 from dashboards.serve import is_loopback, publish, read_only
 from hpo.records import best_factors
-from tests.conftest import run_tiny_study
 
 FIGURE_IDS = {"factor-curves", "convergence", "start-tokens"}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
 
 
 def get(url: str) -> tuple[int, str, bytes]:

@@ -14,17 +14,11 @@ import pandas as pd
 import pytest
 
 from hpo.records import RESULT_COLUMNS, ResultsError, read_results
-from tests.conftest import run_tiny_study
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hpo.evaluate", "--dtype", "float32", "--no-progress", *args],
                           capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from models.rope import RopeFactors, RopeGeometry
 from objectives.data import load_windows
 from objectives.llamacpp import gguf_nll, load_gguf_runtime
 from objectives.perplexity import perplexity
-from tests.conftest import run_tiny_study
 
 TINY_TARGET = 256
 
@@ -99,14 +98,9 @@ def test_factors_of_the_wrong_length_write_nothing(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
-
-
-def test_export_cli_writes_a_gguf_that_llama_cpp_loads(tiny_study, tmp_path, capsys):
+def test_export_cli_writes_a_gguf_that_llama_cpp_loads(run_dir, tmp_path, capsys):
     out = tmp_path / "tiny.gguf"
-    assert hpo.export.main(["--study", "tiny", "--out", str(tiny_study), "--gguf", str(out)]) == 0
+    assert hpo.export.main(["--study", "tiny", "--out", str(run_dir), "--gguf", str(out)]) == 0
     assert "converted to float32" in capsys.readouterr().out
     runtime = load_gguf_runtime(out, TINY_TARGET)
     assert runtime.n_ctx() == TINY_TARGET
@@ -117,10 +111,10 @@ def test_export_cli_writes_a_gguf_that_llama_cpp_loads(tiny_study, tmp_path, cap
     (["--gguf", "{tmp}"], "is a folder"),
     ([], "--to DIR, --gguf FILE, or both"),
 ])
-def test_export_cli_refuses_where_it_cannot_write(tiny_study, tmp_path, capsys, argv, message):
+def test_export_cli_refuses_where_it_cannot_write(run_dir, tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
     try:
-        code = hpo.export.main(["--study", "tiny", "--out", str(tiny_study), *argv])
+        code = hpo.export.main(["--study", "tiny", "--out", str(run_dir), *argv])
     except SystemExit as stop:  # argparse's usage error
         code = stop.code
     assert code == 2 and message in capsys.readouterr().err

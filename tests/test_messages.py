@@ -20,12 +20,6 @@ from models.baselines import yarn
 from models.loading import ModelLoadError, load_model
 from models.rope import FactorError, RopeFactors, RopeGeometry
 from objectives.data import DataError, load_documents
-from tests.conftest import run_tiny_study
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.mark.parametrize(("device", "line"), [("cuda:7", "device 'cuda:7'"), ("quantum", "unknown device 'quantum'")])

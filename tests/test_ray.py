@@ -13,6 +13,7 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
+from hpo.ray_backend import RayOptions, concurrency
 from hpo.run import main
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
 
@@ -37,8 +38,12 @@ def test_tiny_preset_on_ray_keeps_one_model_per_worker(tmp_path):
     assert len(trials) == 16 and all(t.state == TrialState.COMPLETE for t in trials)  # the preset's budget
     seeds = sorted(t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs)
     assert seeds == ["ntk", "pi", "yarn", "yarn-linear"]
+    # Two trials at a time on 2 CPUs, each in an actor that Tune reuses. How many actors get a trial is
+    # Tune's choice, not ours: it hands the next trial to whichever is free, and on a busy CPU the second
+    # actor's start-up (importing torch) takes longer than this whole study, so one may run them all.
+    assert concurrency(RayOptions()) == 2
     workers = {t.user_attrs["worker"] for t in trials}
-    assert len(workers) <= 2  # two trials at a time on 2 CPUs, in actors that Tune reuses
+    assert 1 <= len(workers) <= 2
     assert {t.user_attrs["model_loads"] for t in trials} == {1}  # each worker loaded the model once
     assert all(len(t.user_attrs["window_perplexities"]) == 2 for t in trials)
     assert all(sorted(t.intermediate_values) == [256, 512] for t in trials)

@@ -19,7 +19,6 @@ from models.loading import load_model
 from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
 from studies import PresetError, load_preset
-from tests.conftest import run_tiny_study
 
 GEOMETRY = RopeGeometry(rotary_dim=16, base=10000.0, original_length=128)
 
@@ -63,11 +62,6 @@ def test_chained_factors_multiply_and_keep_both_stages():
         chain_factors(first, linear_interpolation(GEOMETRY, 512))
 
 
-@pytest.fixture(scope="module")
-def first_stage(tmp_path_factory):
-    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
-
-
 def run_stage(tmp_path, text: str, name: str):
     preset = tmp_path / f"{name}.toml"
     preset.write_text(text)
@@ -77,10 +71,10 @@ def run_stage(tmp_path, text: str, name: str):
     return done, out
 
 
-def test_progressive_stage_searches_on_top_and_multiplies(first_stage, tmp_path):
-    done, out = run_stage(tmp_path, LONGER.format(from_dir=first_stage), "tiny_longer")
+def test_progressive_stage_searches_on_top_and_multiplies(run_dir, tmp_path):
+    done, out = run_stage(tmp_path, LONGER.format(from_dir=run_dir), "tiny_longer")
     assert done.returncode == 0, done.stderr
-    first = RopeFactors.load(first_stage / "best_factors.json")
+    first = RopeFactors.load(run_dir / "best_factors.json")
     final = RopeFactors.load(out / "best_factors.json")
     second = RopeFactors.from_dict(final.metadata["stages"][-1])
     assert (second.original_length, second.target_length) == (256, 512)  # searched from the first stage's target
@@ -103,14 +97,14 @@ def test_progressive_stage_searches_on_top_and_multiplies(first_stage, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def short_stage(first_stage, tmp_path_factory):
-    done, out = run_stage(tmp_path_factory.mktemp("short"), SHORT.format(from_dir=first_stage), "tiny_short")
+def short_stage(run_dir, tmp_path_factory):
+    done, out = run_stage(tmp_path_factory.mktemp("short"), SHORT.format(from_dir=run_dir), "tiny_short")
     assert done.returncode == 0, done.stderr
     return out
 
 
-def test_short_stage_recovers_the_original_window_and_exports_both(first_stage, short_stage):
-    long_factors = RopeFactors.load(first_stage / "best_factors.json")
+def test_short_stage_recovers_the_original_window_and_exports_both(run_dir, short_stage):
+    long_factors = RopeFactors.load(run_dir / "best_factors.json")
     short_factors = RopeFactors.load(short_stage / "best_factors.json")
     assert short_factors.attention_scaling == long_factors.attention_scaling  # one attention factor in a config
     rope = json.loads((short_stage / "rope_parameters.json").read_text())["rope_parameters"]
@@ -137,10 +131,10 @@ def without_start_tokens(path):
     return dataclasses.replace(RopeFactors.load(path), start_tokens=0)
 
 
-def test_exported_model_switches_factors_by_input_length(first_stage, short_stage, exported):
+def test_exported_model_switches_factors_by_input_length(run_dir, short_stage, exported):
     model = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
     ours, _ = load_model("tiny-random-llama", dtype="float32", attn_implementation="eager")
-    long_factors = without_start_tokens(first_stage / "best_factors.json")
+    long_factors = without_start_tokens(run_dir / "best_factors.json")
     short_factors = without_start_tokens(short_stage / "best_factors.json")
     tokens = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
     for length, factors in ((100, short_factors), (200, long_factors)):  # the window is 128
@@ -151,11 +145,11 @@ def test_exported_model_switches_factors_by_input_length(first_stage, short_stag
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_evaluating_the_exported_model_as_configured(first_stage, short_stage, exported, tmp_path):
+def test_evaluating_the_exported_model_as_configured(run_dir, short_stage, exported, tmp_path):
     """`hpo.evaluate --methods config` measures the export as stock transformers runs it: short factors within
     the window, long ones beyond; the other candidates are patched over it and restored."""
     files = []
-    for name, path in (("short", short_stage), ("long", first_stage)):
+    for name, path in (("short", short_stage), ("long", run_dir)):
         files += ["--factors", str(without_start_tokens(path / "best_factors.json").save(tmp_path / f"{name}.json"))]
     out = tmp_path / "results.json"
     done = subprocess.run([sys.executable, "-m", "hpo.evaluate", "--model", str(exported), "--methods", "config,none",
@@ -168,13 +162,13 @@ def test_evaluating_the_exported_model_as_configured(first_stage, short_stage, e
     assert ppl["config", 256] != pytest.approx(ppl["none", 256], rel=1e-5)
 
 
-def test_search_finetune_search_finetune(first_stage, tmp_path):
+def test_search_finetune_search_finetune(run_dir, tmp_path):
     """The whole progressive chain on the tiny model: each stage starts from the previous fine-tuned model."""
-    assert finetune_main(["--study", "tiny", "--out", str(first_stage), "--steps", "2", "--quiet"]) == 0
-    first_model = first_stage / "finetuned"
+    assert finetune_main(["--study", "tiny", "--out", str(run_dir), "--steps", "2", "--quiet"]) == 0
+    first_model = run_dir / "finetuned"
     trained_with = RopeFactors.load(first_model / "rope_factors.json")
-    assert trained_with.rescale_factors == RopeFactors.load(first_stage / "best_factors.json").rescale_factors
-    text = LONGER.format(from_dir=first_stage).replace("finetuned = false", "finetuned = true")
+    assert trained_with.rescale_factors == RopeFactors.load(run_dir / "best_factors.json").rescale_factors
+    text = LONGER.format(from_dir=run_dir).replace("finetuned = false", "finetuned = true")
     done, out = run_stage(tmp_path, text + "[finetune]\nsteps = 2\nsave_every = 2\neval_every = 2\n",
                           "tiny_progressive")
     assert done.returncode == 0, done.stderr

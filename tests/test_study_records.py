@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import optuna
@@ -23,12 +22,7 @@ from hpo.records import SEARCH_SPACE_ATTR, WORKLOAD_ATTR, StorageError, load_stu
 from hpo.run import main as run_main
 from hpo.study import load_workload, open_study, search_space_for
 from studies import load_preset
-from tests.conftest import run_tiny_study
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return run_tiny_study(tmp_path_factory.mktemp("tiny"))
+from tests.conftest import deadline
 
 
 def one_line(err: str) -> str:
@@ -139,8 +133,8 @@ def test_interruptions_do_not_use_up_the_retries_of_a_killed_trial(tmp_path, mon
     records.interrupt_trial(study, first)
     records.interrupt_trial(study, claims.claim(study, distributions, 10))  # the re-queued parameters
     claims.claim(study, distributions, 10)  # once more, and its worker is killed: no heartbeat from now on
-    time.sleep(2.5)
-    claims.wait(study)  # fails the stale trial, and re-queues it
+    with deadline(60, "the killed worker's trial to go stale"):
+        claims.wait(study, poll_s=0.1)  # fails the stale trial once its heartbeat is old, and re-queues it
     trials = study.get_trials()
     assert [t.state.name for t in trials[:3]] == ["FAIL", "FAIL", "FAIL"]
     waiting = [t for t in trials if t.state.name == "WAITING" and t.system_attrs.get("failed_trial") == 0]

@@ -6,7 +6,6 @@ import multiprocessing
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 
 import optuna
@@ -17,6 +16,7 @@ from hpo.records import StorageError, TrialClaims, open_storage
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
 from hpo.study import load_workload, open_study, search_space_for
 from studies import PRESET_DIR, load_preset
+from tests.conftest import deadline
 
 GENERATION_KEY = LongRoPESampler._get_generation_key()
 
@@ -89,8 +89,8 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_requeued(tmp_pa
         orphan = study.ask(space.distributions())  # RUNNING, and its worker died before any heartbeat
     claims = TrialClaims(storage, study.study_name)
     assert claims.claim(study, space.distributions(), n_trials=1) is None  # the orphan holds the budget...
-    time.sleep(1.5)
-    claims.wait(study)  # ...until it goes stale: wait() returns instead of waiting for it forever
+    with deadline(60, "the orphan to go stale"):
+        claims.wait(study, poll_s=0.1)  # ...until it goes stale: wait() returns instead of waiting for it forever
     trials = study.trials
     assert trials[orphan.number].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
