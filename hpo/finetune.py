@@ -5,8 +5,8 @@ the rescaled positions; this is that stage. It reads the study's best factors (o
 the preset's model, patches its RoPE in place (:mod:`models.patch`) and trains on Accelerate (one CPU process
 in tests, ``accelerate launch`` for several GPUs) with the preset's ``[finetune]`` settings.
 
-Data. The documents of ``finetune.source`` (default: the study's text) from ``first_document`` on are tokenized
-and packed back to back, each followed by EOS, into rows of exactly ``sequence_length`` tokens (a tail shorter
+Data (:mod:`objectives.packing`). The documents of ``finetune.source`` (default: the study's text) from
+``first_document`` on are tokenized and packed back to back, each followed by EOS, into rows of exactly ``sequence_length`` tokens (a tail shorter
 than a row is dropped). Position ids restart at 0 at each document start, and the label of a document's first
 token is -100, so no loss crosses a boundary. Where the study's windows start with BOS (``documents`` mode),
 so do the documents and every row, short rows included: BOS is the first token of a row, in place of the text
@@ -75,9 +75,10 @@ from models.export import save_extended_model
 from models.loading import load_model, pick_attention, pick_device, pick_dtype
 from models.patch import apply_factors
 from models.rope import RopeFactors, RopeGeometry, warn_if_other_window
-from objectives.data import DataError, default_window_mode, load_documents, tokenize_documents
-from objectives.perplexity import window_nll
-from studies import StudyPreset, load_preset
+from objectives.data import default_window_mode
+from objectives.packing import load_packed_rows, model_inputs, split_rows, training_rows
+from objectives.perplexity import packed_rows_loss
+from studies import FinetuneSpec, StudyPreset, load_preset
 
 logger = logging.getLogger("hpo.finetune")
 
@@ -95,73 +96,6 @@ class FinetuneError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: packed rows, as (tokens, starts) pairs of [rows, length] tensors; starts marks each document's first token.
-
-
-def pack_documents(streams: list[torch.Tensor], length: int, eos_token_id: int | None,
-                   bos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Documents back to back, each followed by EOS, cut into rows of exactly ``length`` tokens.
-
-    Returns ``(tokens, starts)``: token ids, and True where a document begins. The first token of every row
-    counts as a start: a document cut by a row boundary continues from position 0. With ``bos_token_id``,
-    every document starts with BOS, and so does every row: a row that starts inside a document has BOS in
-    place of its first text token. The tail shorter than a row is dropped; no token is in two rows.
-    """
-    pieces, flags = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.bool)]  # no text: no rows
-    bos = [] if bos_token_id is None else [bos_token_id]
-    eos = [] if eos_token_id is None else [eos_token_id]
-    for stream in streams:
-        if stream.numel() == 0:
-            continue
-        document = torch.cat([torch.tensor(bos, dtype=torch.long), stream, torch.tensor(eos, dtype=torch.long)])
-        start = torch.zeros(document.numel(), dtype=torch.bool)
-        start[0] = True
-        pieces.append(document)
-        flags.append(start)
-    tokens, starts = torch.cat(pieces), torch.cat(flags)
-    rows = tokens.numel() // length
-    return _rows(tokens[:rows * length], starts[:rows * length], length, bos_token_id)
-
-
-def _rows(tokens: torch.Tensor, starts: torch.Tensor, length: int,
-          bos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = starts.reshape(-1, length).clone()
-    starts[:, 0] = True
-    tokens = tokens.reshape(-1, length)
-    if bos_token_id is not None:
-        tokens = tokens.clone()
-        tokens[:, 0] = bos_token_id  # the replaced token was a start: context only, never a label
-    return tokens, starts
-
-
-def split_rows(tokens: torch.Tensor, starts: torch.Tensor, length: int,
-               bos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row cut into ``row_length // length`` rows of ``length`` tokens (the mixed window's short rows).
-
-    With ``bos_token_id``, each short row starts with BOS, as :func:`pack_documents` makes the long ones.
-    """
-    keep = tokens.shape[1] // length * length
-    return _rows(tokens[:, :keep], starts[:, :keep], length, bos_token_id)
-
-
-def model_inputs(tokens: torch.Tensor, starts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``input_ids``, per-document ``position_ids`` and ``labels`` (-100 at document starts) for a forward."""
-    index = torch.arange(tokens.shape[-1]).expand_as(tokens)
-    last_start = torch.where(starts, index, 0).cummax(dim=-1).values
-    return {"input_ids": tokens, "position_ids": index - last_start,
-            "labels": tokens.masked_fill(starts, IGNORE_INDEX)}
-
-
-def training_rows(position: int, count: int, rows: int, seed: int) -> list[int]:
-    """Indices of the ``count`` training rows read from data position ``position`` on.
-
-    Row ``position`` of the endless data order is row ``permutation(pass)[position % rows]`` with a new seeded
-    permutation per pass, so any position is found again from the seed alone (what resuming needs).
-    """
-    chosen = []
-    for index in range(position, position + count):
-        epoch, offset = divmod(index, rows)
-        chosen.append(int(np.random.default_rng([seed, epoch]).permutation(rows)[offset]))
-    return chosen
 
 
 def is_short(micro_step: int, fraction: float, seed: int) -> bool:
@@ -188,18 +122,11 @@ def row_bos(preset: StudyPreset, tokenizer) -> int | None:
 
 
 def load_rows(preset: StudyPreset, tokenizer, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed rows of the preset's fine-tuning text (see the module docstring)."""
-    tune = preset.finetune
+    """The packed rows of the preset's fine-tuning text (see the module docstring): one to train on at least,
+    and the held-out ones."""
     source, mode = training_text(preset)
-    streams = tokenize_documents(load_documents(source)[tune.first_document:], tokenizer, mode)
-    tokens, starts = pack_documents(streams, length, tokenizer.eos_token_id, row_bos(preset, tokenizer))
-    needed = heldout_rows(preset) + 1
-    if len(tokens) < needed:
-        total = sum(s.numel() for s in streams)
-        raise DataError(f"{source}: text too short: from document {tune.first_document} on it holds {total:,} "
-                        f"tokens, {len(tokens)} sequences of {length:,}; fine-tuning needs at least {needed} "
-                        f"({needed - 1} held out)")
-    return tokens, starts
+    return load_packed_rows(source, mode, tokenizer, length, first_document=preset.finetune.first_document,
+                            bos_token_id=row_bos(preset, tokenizer), min_rows=heldout_rows(preset) + 1)
 
 
 def heldout_rows(preset: StudyPreset) -> int:
@@ -303,22 +230,117 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def heldout_loss(model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor) -> float:
-    """Mean next-token loss over the held-out rows (one row per forward), with the RoPE the model has now.
+@dataclass
+class Rows:
+    """The packed rows a run reads: the training ones and the held-out ones (the last of the text)."""
 
-    Scored through the chunked loss of :func:`objectives.perplexity.window_nll`: a row's full logits would
-    take GBs at long lengths. The first token of each packed document is not scored, as in training.
-    """
-    model.eval()
-    nll, count = 0.0, 0
-    for row in range(len(tokens)):
-        inputs = model_inputs(tokens[row:row + 1], starts[row:row + 1])
-        row_nll, scored = window_nll(model, inputs["input_ids"], score_mask=~starts[row],
-                                     position_ids=inputs["position_ids"])
-        nll += row_nll
-        count += scored
+    train_tokens: torch.Tensor
+    train_starts: torch.Tensor
+    heldout_tokens: torch.Tensor
+    heldout_starts: torch.Tensor
+
+    @classmethod
+    def split(cls, tokens: torch.Tensor, starts: torch.Tensor, heldout: int) -> Rows:
+        return cls(tokens[:-heldout], starts[:-heldout], tokens[-heldout:], starts[-heldout:])
+
+
+def load_for_training(preset: StudyPreset, factors: RopeFactors, device: torch.device) -> tuple[nn.Module, object, str]:
+    """``(model, tokenizer, model name)``: fp32 master weights on the CPU (Accelerate places them), the model
+    the stage trains (a longer stage's is the earlier stage's), checked against ``factors``."""
+    stage = stage_for(preset)
+    if stage and stage.mode == "short":
+        raise FinetuneError(f"study {preset.name!r} searched short factors for the model of "
+                            f"{stage.from_study!r}; fine-tune that study (its long factors) instead")
+    model_name = stage.model if stage else preset.model.name
+    model, tokenizer = load_model(model_name, dtype="float32", device="cpu",
+                                  attn_implementation=pick_attention(preset.model.attn, device))
+    geometry = RopeGeometry.from_config(model.config)
+    factors.validate(geometry)
+    warn_if_other_window(factors, preset.model.original_length or geometry.original_length)
+    return model, tokenizer, model_name
+
+
+def prepare_training(model: nn.Module, preset: StudyPreset, device: torch.device
+                     ) -> tuple[Accelerator, nn.Module, torch.optim.Optimizer, object]:
+    """The accelerator (a lower precision, auto: the type measured fastest for the model's shapes, comes from
+    its autocast), and the model (with LoRA adapters if asked), its optimizer and schedule, prepared by it."""
+    tune = preset.finetune
+    precision = pick_dtype(tune.dtype, device, model.config)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[precision],
+                              gradient_accumulation_steps=tune.gradient_accumulation,
+                              step_scheduler_with_optimizer=False)  # the schedule counts optimizer steps
+    set_seed(tune.seed)
+    if tune.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if tune.lora:
+        model = add_lora(model, tune.lora_rank, tune.lora_alpha)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tune.weight_decay), lr=tune.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, tune.warmup_steps, tune.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return accelerator, model, optimizer, scheduler
+
+
+def resume_state(accelerator: Accelerator, run_dir: Path, resume: ResumeMode, settings: dict,
+                 factors: RopeFactors) -> tuple[TrainState, RopeFactors]:
+    """Where training starts, and the factors it trains with: a checkpoint's (loaded into ``accelerator``'s
+    objects) when :func:`resume_from` picks one, else step 0 and ``factors``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_from(run_dir, resume, settings)
+    if checkpoint is None:
+        return TrainState(settings=settings), factors
+    accelerator.load_state(checkpoint)
+    state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    saved = RopeFactors.load(checkpoint / FINETUNED_FACTORS_FILE)
+    if saved != factors:
+        logger.warning("resuming with the factors %s was started with, not the ones given now "
+                       "(--restart to train with those)", checkpoint)
+    logger.info("resumed from %s at step %d", checkpoint, state.step)
+    return state, saved
+
+
+def measure_heldout(state: TrainState, accelerator: Accelerator, model: nn.Module, factors: RopeFactors,
+                    rows: Rows) -> None:
+    """Append the held-out loss with ``factors`` at ``state.step`` to ``state.evals``; ``model`` (unwrapped)
+    is left in training mode."""
+    apply_factors(model, factors)
+    with accelerator.autocast():  # the unwrapped model's decoder runs outside the prepared forward's autocast
+        state.evals.append([state.step, packed_rows_loss(model, rows.heldout_tokens, rows.heldout_starts)])
     model.train()
-    return nll / count
+    logger.info("step %d: held-out loss %.4f (perplexity %.2f)", state.step, state.evals[-1][1],
+                math.exp(state.evals[-1][1]))
+
+
+def train_step(state: TrainState, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler, rows: Rows, factors: RopeFactors, tune: FinetuneSpec, short_row_bos: int | None) -> None:
+    """One optimizer step over ``tune.gradient_accumulation`` micro-batches read from ``state.position`` on
+    (a seeded share at the original window with :func:`short_factors`); ``state`` advances."""
+    started, step_tokens, step_loss = time.perf_counter(), 0, 0.0
+    raw_model = accelerator.unwrap_model(model)
+    for micro in range(tune.gradient_accumulation):
+        first = state.position + accelerator.process_index * tune.batch_size
+        chosen = training_rows(first, tune.batch_size, len(rows.train_tokens), tune.seed)
+        tokens, starts = rows.train_tokens[chosen], rows.train_starts[chosen]
+        if is_short(state.step * tune.gradient_accumulation + micro, tune.mixed_short_fraction, tune.seed):
+            tokens, starts = split_rows(tokens, starts, factors.original_length, short_row_bos)
+            apply_factors(raw_model, short_factors(factors))
+            state.short_batches += 1
+        else:
+            apply_factors(raw_model, factors)
+        inputs = {k: v.to(accelerator.device) for k, v in model_inputs(tokens, starts).items()}
+        with accelerator.accumulate(model):  # gradients sync on the last micro-batch only
+            loss = model(**inputs, use_cache=False).loss
+            accelerator.backward(loss)
+        state.position += tune.batch_size * accelerator.num_processes
+        step_tokens += tokens.numel() * accelerator.num_processes
+        step_loss += loss.item() / tune.gradient_accumulation
+    accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += step_tokens
+    state.losses.append(step_loss)
+    state.seconds += time.perf_counter() - started
 
 
 def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, resume: ResumeMode = "auto",
@@ -336,113 +358,40 @@ def finetune(preset: StudyPreset, factors: RopeFactors, out_dir: str | Path, *, 
     out_dir, started = Path(out_dir), time.perf_counter()
     run_dir = out_dir / FINETUNE_DIR
     device = pick_device(preset.model.device)
-    stage = stage_for(preset)
-    if stage and stage.mode == "short":
-        raise FinetuneError(f"study {preset.name!r} searched short factors for the model of "
-                            f"{stage.from_study!r}; fine-tune that study (its long factors) instead")
-    model_name = stage.model if stage else preset.model.name  # a longer stage trains the earlier stage's model
-    # fp32 master weights, loaded on the CPU (Accelerate places them); a lower precision (auto: the
-    # type measured fastest for this model's shapes) comes from Accelerate's autocast
-    model, tokenizer = load_model(model_name, dtype="float32", device="cpu",
-                                  attn_implementation=pick_attention(preset.model.attn, device))
-    precision = pick_dtype(tune.dtype, device, model.config)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[precision],
-                              gradient_accumulation_steps=tune.gradient_accumulation,
-                              step_scheduler_with_optimizer=False)  # the schedule counts optimizer steps
-    set_seed(tune.seed)
-    geometry = RopeGeometry.from_config(model.config)
-    factors.validate(geometry)
-    warn_if_other_window(factors, preset.model.original_length or geometry.original_length)
+    model, tokenizer, model_name = load_for_training(preset, factors, device)
     length = tune.sequence_length or preset.target_length
     if length <= factors.original_length:
         raise FinetuneError(f"sequence_length {length} must be longer than the original window "
                             f"{factors.original_length}: fine-tuning is for the extended positions")
-    tokens, starts = load_rows(preset, tokenizer, length)
-    heldout = heldout_rows(preset)
-    train_tokens, train_starts = tokens[:-heldout], starts[:-heldout]
-    heldout_tokens, heldout_starts = tokens[-heldout:], starts[-heldout:]
+    rows = Rows.split(*load_rows(preset, tokenizer, length), heldout_rows(preset))
     settings = run_settings(preset, model_name, length)
     if (model.config._attn_implementation == "flash_attention_2" and settings["window_mode"] == "documents"
             and (tune.batch_size > 1 or tune.mixed_short_fraction)):
         logger.warning("flash_attention_2 keeps packed documents apart only with one row per forward: "
                        "with batch_size > 1 or short rows, documents in a row attend to each other")
-
-    if tune.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if tune.lora:
-        model = add_lora(model, tune.lora_rank, tune.lora_alpha)
-    optimizer = torch.optim.AdamW(parameter_groups(model, tune.weight_decay), lr=tune.learning_rate)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, tune.warmup_steps, tune.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator, model, optimizer, scheduler = prepare_training(model, preset, device)
     raw_model = accelerator.unwrap_model(model)
+    state, factors = resume_state(accelerator, run_dir, resume, settings, factors)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = TrainState(settings=settings)
-    checkpoint = resume_from(run_dir, resume, settings)
-    if checkpoint is not None:
-        accelerator.load_state(checkpoint)
-        state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
-        saved = RopeFactors.load(checkpoint / FINETUNED_FACTORS_FILE)
-        if saved != factors:
-            logger.warning("resuming with the factors %s was started with, not the ones given now "
-                           "(--restart to train with those)", checkpoint)
-        factors = saved
-        logger.info("resumed from %s at step %d", checkpoint, state.step)
-    short = short_factors(factors)
     stop = min(tune.steps, stop_after or tune.steps)
     logger.info("fine-tuning %s%s at %d tokens with %s factors: %d training and %d held-out sequences, "
                 "steps %d..%d of %d", model_name, " (LoRA)" if tune.lora else "", length, factors.method,
-                len(train_tokens), heldout, state.step, stop, tune.steps)
+                len(rows.train_tokens), len(rows.heldout_tokens), state.step, stop, tune.steps)
     rows_per_step = tune.batch_size * tune.gradient_accumulation * accelerator.num_processes
-    if tune.steps * rows_per_step > len(train_tokens):
+    if tune.steps * rows_per_step > len(rows.train_tokens):
         logger.warning("%d steps read %d sequences, the text has %d: each is read about %.1f times",
-                       tune.steps, tune.steps * rows_per_step, len(train_tokens),
-                       tune.steps * rows_per_step / len(train_tokens))
-
-    def evaluate() -> None:
-        apply_factors(raw_model, factors)
-        with accelerator.autocast():  # the unwrapped model's decoder runs outside the prepared forward's autocast
-            state.evals.append([state.step, heldout_loss(raw_model, heldout_tokens, heldout_starts)])
-        logger.info("step %d: held-out loss %.4f (perplexity %.2f)", state.step, state.evals[-1][1],
-                    math.exp(state.evals[-1][1]))
-
+                       tune.steps, tune.steps * rows_per_step, len(rows.train_tokens),
+                       tune.steps * rows_per_step / len(rows.train_tokens))
     if not state.evals:
-        evaluate()  # before any training: the searched factors on the original weights
+        measure_heldout(state, accelerator, raw_model, factors, rows)  # the searched factors, original weights
     model.train()
     bar = tqdm(total=tune.steps, initial=state.step, desc="fine-tuning", unit="step", disable=not progress)
     while state.step < stop:
-        step_started, step_tokens, step_loss = time.perf_counter(), 0, 0.0
-        for micro in range(tune.gradient_accumulation):
-            first = state.position + accelerator.process_index * tune.batch_size
-            rows = training_rows(first, tune.batch_size, len(train_tokens), tune.seed)
-            batch_tokens, batch_starts = train_tokens[rows], train_starts[rows]
-            if is_short(state.step * tune.gradient_accumulation + micro, tune.mixed_short_fraction, tune.seed):
-                batch_tokens, batch_starts = split_rows(batch_tokens, batch_starts, factors.original_length,
-                                                        row_bos(preset, tokenizer))
-                apply_factors(raw_model, short)
-                state.short_batches += 1
-            else:
-                apply_factors(raw_model, factors)
-            inputs = {k: v.to(accelerator.device) for k, v in model_inputs(batch_tokens, batch_starts).items()}
-            with accelerator.accumulate(model):  # gradients sync on the last micro-batch only
-                loss = model(**inputs, use_cache=False).loss
-                accelerator.backward(loss)
-            state.position += tune.batch_size * accelerator.num_processes
-            step_tokens += batch_tokens.numel() * accelerator.num_processes
-            step_loss += loss.item() / tune.gradient_accumulation
-        accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens += step_tokens
-        state.losses.append(step_loss)
-        seconds = time.perf_counter() - step_started
-        state.seconds += seconds
+        train_step(state, accelerator, model, optimizer, scheduler, rows, factors, tune, row_bos(preset, tokenizer))
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / seconds:,.0f}")
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}", tok_s=f"{state.tokens / state.seconds:,.0f}")
         if state.step % tune.eval_every == 0 or state.step == tune.steps:
-            evaluate()
+            measure_heldout(state, accelerator, raw_model, factors, rows)
         if state.step % tune.save_every == 0 or state.step == stop:
             save_checkpoint(accelerator, run_dir, state, factors)
     bar.close()

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from objectives.packing import model_inputs
+
 DEFAULT_CHUNK_TOKENS = 2048
 
 
@@ -144,3 +146,18 @@ def sliding_window_perplexity(model: nn.Module, stream: torch.Tensor, window: in
         scored_until = begin + body
     result.seconds = time.perf_counter() - started
     return result
+
+
+def packed_rows_loss(model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor) -> float:
+    """Mean next-token loss over packed rows (:mod:`objectives.packing`), one row per forward, with the RoPE
+    the model has now: through :func:`window_nll`'s chunked LM head, per-document positions, and documents'
+    first tokens unscored, as in training. Leaves the model in eval mode."""
+    model.eval()
+    nll, count = 0.0, 0
+    for row in range(len(tokens)):
+        inputs = model_inputs(tokens[row:row + 1], starts[row:row + 1])
+        row_nll, scored = window_nll(model, inputs["input_ids"], score_mask=~starts[row],
+                                     position_ids=inputs["position_ids"])
+        nll += row_nll
+        count += scored
+    return nll / count

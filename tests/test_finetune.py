@@ -19,22 +19,13 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from hpo import finetune as finetune_module
-from hpo.finetune import (
-    IGNORE_INDEX,
-    finetune,
-    heldout_loss,
-    is_short,
-    load_rows,
-    main,
-    model_inputs,
-    pack_documents,
-    short_factors,
-    split_rows,
-    training_rows,
-)
+from hpo.finetune import finetune, is_short, load_rows, main, short_factors
 from models.loading import load_model
 from models.patch import apply_factors
 from models.rope import RopeFactors, RopeGeometry
+from objectives import perplexity as perplexity_module
+from objectives.packing import IGNORE_INDEX, model_inputs, pack_documents, split_rows, training_rows
+from objectives.perplexity import packed_rows_loss
 from studies import load_preset
 
 # start_tokens 0: stock transformers has no n_hat, so the export reproduces the patched model exactly
@@ -143,7 +134,8 @@ def test_rows_start_with_bos_where_the_search_windows_do(tmp_path, monkeypatch):
         fed.append(tokens)
         return real_inputs(tokens, starts)
 
-    monkeypatch.setattr(finetune_module, "model_inputs", recording)
+    monkeypatch.setattr(finetune_module, "model_inputs", recording)  # training rows
+    monkeypatch.setattr(perplexity_module, "model_inputs", recording)  # held-out rows
     finetune(preset, FACTORS, tmp_path, progress=False)
     assert {row.shape[-1] for row in fed} == {128, 256}  # short rows (original window) and long ones
     assert all((row[:, 0] == tokenizer.bos_token_id).all() for row in fed)  # held-out, long and short rows
@@ -188,7 +180,7 @@ def test_heldout_loss_is_transformers_loss_through_the_chunked_path(model):
             scored = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
             nll += model(**inputs, use_cache=False).loss.item() * scored
             count += scored
-    assert heldout_loss(model, tokens, starts) == pytest.approx(nll / count, rel=1e-5)
+    assert packed_rows_loss(model, tokens, starts) == pytest.approx(nll / count, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
