@@ -166,6 +166,7 @@ class MonotoneCurveSpace(RopeSearchSpace):
         return dict(zip(self.knot_names, shares, strict=True)) | self._extra_params(factors)
 
     def to_record(self) -> dict[str, Any]:
+        """The space as JSON types, recorded on the study: a resumed study must be searched in the same one."""
         return {"kind": self.kind, "num_factors": self.num_factors, "original_length": self.original_length,
                 "target_length": self.target_length, "knots": self.knots, "max_factor": self.top,
                 "start_tokens": list(self.start_token_candidates),
@@ -174,6 +175,7 @@ class MonotoneCurveSpace(RopeSearchSpace):
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> MonotoneCurveSpace:
+        """The space a :meth:`to_record` record describes."""
         scaling = record["attention_scaling"]
         beta_fast, beta_slow = record["yarn_betas"]
         return cls(num_factors=record["num_factors"], original_length=record["original_length"],

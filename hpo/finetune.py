@@ -6,19 +6,19 @@ the preset's model, patches its RoPE in place (:mod:`models.patch`) and trains o
 in tests, ``accelerate launch`` for several GPUs) with the preset's ``[finetune]`` settings.
 
 Data (:mod:`objectives.packing`). The documents of ``finetune.source`` (default: the study's text) from
-``first_document`` on are tokenized and packed back to back, each followed by EOS, into rows of exactly ``sequence_length`` tokens (a tail shorter
-than a row is dropped). Position ids restart at 0 at each document start, and the label of a document's first
-token is -100, so no loss crosses a boundary. Where the study's windows start with BOS (``documents`` mode),
-so do the documents and every row, short rows included: BOS is the first token of a row, in place of the text
-token that would otherwise be there unscored, so the model trains on what the search measures, BOS + L-1
-tokens. In transformers 5.23, a forward with ``position_ids`` that restart, no ``attention_mask`` and no cache
-(``use_cache=False``) is detected as packed (``masking_utils.find_packed_sequence_indices``) and SDPA and eager
-attention get a block-diagonal causal mask: documents in one row do not see each other. flash_attention_2
-detects packing only for one row per forward.
-The text is split as the study reads it (``data.window_mode``): real corpora by document; the embedded essays,
-short texts that the search reads as one stream, as a single document, so that positions reach the full
-sequence length. The last ``max(1, data.heldout_samples)`` rows are held out; training rows are read in a
-seeded order, a new permutation per pass.
+``first_document`` on are tokenized and packed back to back, each followed by EOS, into rows of exactly
+``sequence_length`` tokens (a tail shorter than a row is dropped). Position ids restart at 0 at each document
+start, and the label of a document's first token is -100, so no loss crosses a boundary. Where the study's
+windows start with BOS (``documents`` mode), so do the documents and every row, short rows included: BOS is
+the first token of a row, in place of the text token that would otherwise be there unscored, so the model
+trains on what the search measures, BOS + L-1 tokens. In transformers 5.23, a forward with ``position_ids``
+that restart, no ``attention_mask`` and no cache (``use_cache=False``) is detected as packed
+(``masking_utils.find_packed_sequence_indices``) and SDPA and eager attention get a block-diagonal causal
+mask: documents in one row do not see each other. flash_attention_2 detects packing only for one row per
+forward. The text is split as the study reads it (``data.window_mode``): real corpora by document; the
+embedded essays, short texts that the search reads as one stream, as a single document, so that positions
+reach the full sequence length. The last ``max(1, data.heldout_samples)`` rows are held out; training rows are
+read in a seeded order, a new permutation per pass.
 
 Mixed context window (LongRoPE2, ``mixed_short_fraction`` > 0). That share of the micro-batches, chosen from the
 seed, is cut into rows of the original window and run with the RoPE that the exported model uses for inputs
@@ -130,6 +130,7 @@ def load_rows(preset: StudyPreset, tokenizer, length: int) -> tuple[torch.Tensor
 
 
 def heldout_rows(preset: StudyPreset) -> int:
+    """How many packed rows, the last of the text, are held out: ``data.heldout_samples``, at least one."""
     return max(1, preset.data.heldout_samples)
 
 
@@ -469,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_summary(summary: dict) -> str:
+    """The run's ``summary.json`` in three lines for the terminal."""
     before, after = summary["heldout_loss_before"], summary["heldout_loss_after"]
     settings = summary["settings"]
     return "\n".join([

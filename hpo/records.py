@@ -134,6 +134,7 @@ def writable_dir(path: Path, option: str) -> Path:
 
 
 def default_storage_url(out_dir: Path) -> str:
+    """The SQLite file a study in ``out_dir`` lives in unless ``--storage`` says otherwise."""
     return f"sqlite:///{(out_dir / STUDY_DB).resolve()}"
 
 
@@ -242,11 +243,13 @@ class Stage:
     model: str
 
     def to_record(self) -> dict[str, Any]:
+        """The stage as JSON types, recorded on the study (``from_record`` reads it back)."""
         return {"from_study": self.from_study, "mode": self.mode, "factors": self.factors.to_dict(),
                 "model": self.model}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Stage:
+        """The stage a :meth:`to_record` record describes."""
         return cls(record["from_study"], record["mode"], RopeFactors.from_dict(record["factors"]), record["model"])
 
     def final_factors(self, found: RopeFactors) -> RopeFactors:

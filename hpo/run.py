@@ -102,6 +102,7 @@ def load_ray_backend():
 
 
 def print_presets() -> None:
+    """One line per shipped preset: model, target length, trials and description (``--list``)."""
     for name in list_presets():
         preset = load_preset(name)
         print(f"{name:<24} {preset.model.name:<26} -> {preset.target_length:>7,} tokens, "
@@ -109,6 +110,7 @@ def print_presets() -> None:
 
 
 def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPreset:
+    """``preset`` with the command line's overrides; options left out keep the preset's values."""
     return preset.replace(target_length=args.target_length, storage=args.storage, search__n_trials=args.n_trials,
                           search__seed=args.seed, search__sampler=args.sampler, data__samples=args.samples,
                           model__device=args.device, model__dtype=checked_dtype(args.dtype),

@@ -361,6 +361,7 @@ def sampler_for(preset: StudyPreset, space: RopeSearchSpace, seeds: int = 0) -> 
 
 
 def pruner_for(preset: StudyPreset) -> optuna.pruners.BasePruner:
+    """The study's pruner: :class:`~hpo.pruning.ParentPruner` with the preset's rank and margin, or none."""
     search = preset.search
     if not search.pruning:
         return optuna.pruners.NopPruner()
@@ -435,12 +436,14 @@ class TrialProgress:
                          disable=not enabled)
 
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Advance for a finished trial and show the best value so far."""
         self._bar.update(int(trial.state in EVALUATED))
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if completed:
             self._bar.set_postfix(best=f"{min(t.value for t in completed):.3f}", last=trial.state.name.lower())
 
     def close(self) -> None:
+        """End the bar."""
         self._bar.close()
 
 

@@ -44,6 +44,7 @@ class LayerShape:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> LayerShape:
+        """The shape of one decoder layer of the model ``config`` describes."""
         heads = config.num_attention_heads
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads,
@@ -122,6 +123,7 @@ def machine_key(shape: LayerShape) -> str:
 
 
 def probe_file() -> Path:
+    """Where the dtype probe's timings are cached, per machine and layer shape."""
     return assets.cache_dir() / PROBE_FILE
 
 

@@ -139,6 +139,7 @@ class RopeFactors:
         return geometry.original_inv_freq() / factors, self.attention_scaling
 
     def to_dict(self) -> dict[str, Any]:
+        """The factor file's JSON content (format ``rope-factors``), which :meth:`from_dict` reads back."""
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -153,6 +154,7 @@ class RopeFactors:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RopeFactors:
+        """The factors a factor file holds; a :class:`FactorError` for another format or a malformed file."""
         if data.get("format", FORMAT_NAME) != FORMAT_NAME:
             raise FactorError(f"not a rope-factors file: format is {data.get('format')!r}")
         version = data.get("version", FORMAT_VERSION)
@@ -180,6 +182,7 @@ class RopeFactors:
         )
 
     def save(self, path: str | Path) -> Path:
+        """Write the factor file at ``path`` (written whole or not at all), and return the path."""
         with written_atomically(path) as scratch:
             scratch.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return Path(path)

@@ -34,6 +34,8 @@ class PresetError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """``[model]``: which model a study loads (a short name, hub id, directory or .gguf) and how it runs."""
+
     name: str = "smollm2-135m"
     dtype: str = "auto"
     device: str = "auto"
@@ -43,6 +45,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
+    """``[data]``: the text a study searches on (``samples`` windows of ``target_length`` tokens from
+    ``first_window`` on) and the held-out windows and text it is checked on, never searched."""
+
     source: str = "essays"
     samples: int = 1
     first_window: int = 0
@@ -56,17 +61,23 @@ class DataSpec:
 
     @property
     def heldout_start(self) -> int:
+        """The first held-out window of ``source``."""
         return self.first_window + self.samples if self.heldout_first_window is None else self.heldout_first_window
 
 
 @dataclass(frozen=True)
 class FitnessSpec:
+    """``[fitness]``: what a trial's value is (perplexity of the searched windows, or LongRoPE2's needle-driven one)."""
+
     kind: str = "perplexity"
     needles: int = 4  # needle-perplexity: needles per window, at evenly spread depths
 
 
 @dataclass(frozen=True)
 class SearchSpec:
+    """``[search]``: the sampler and its budget, the space (n_hat candidates, attention scaling, factor bounds,
+    LongRoPE2's critical dimension), the seeds, pruning and early stopping."""
+
     n_trials: int = 64
     # "longrope": LongRoPE's evolutionary search over every pair's factor (the settings population .. mutants_of
     # below are its own). "tpe", "cmaes", "gp": Optuna's samplers over a family of monotone factor curves with
@@ -149,6 +160,10 @@ class FinetuneSpec:
 
 @dataclass(frozen=True)
 class StudyPreset:
+    """One study, as ``studies/NAME.toml`` describes it: the model, the text, the fitness, the search, the
+    fine-tuning that follows and the earlier stage it builds on. Frozen, and checked whole when made
+    (:func:`load_preset`, :meth:`replace`): a :class:`PresetError` lists every problem at once."""
+
     name: str
     target_length: int
     description: str = ""
