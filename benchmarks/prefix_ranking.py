@@ -62,7 +62,7 @@ def main() -> None:
         name, tokens = f"window 0, first {fraction:g}", round(window_tokens * fraction)
         step = FidelityStep(0, tokens, tokens, True)
         start = time.perf_counter()
-        rungs[name] = [workload.measure(space.to_factors(t.params), step, desc=name).perplexity for t in trials]
+        rungs[name] = [workload.step_perplexity(space.to_factors(t.params), step, desc=name).perplexity for t in trials]
         seconds[name] = (time.perf_counter() - start) / len(trials)
     # Full windows were timed by the run that measured them.
     window_seconds = float(np.mean([(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]))

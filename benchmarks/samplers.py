@@ -59,7 +59,7 @@ class Run:
         key = f"benchmark:heldout:{self.study.best_trial.number}"
         if key not in self.study.user_attrs:
             space = search_space_for(self.preset, workload)
-            value, _ = workload.fitness(space.to_factors(self.study.best_trial.params), split="heldout")
+            value, _ = workload.split_perplexity(space.to_factors(self.study.best_trial.params), split="heldout")
             self.study.set_user_attr(key, value)
         return self.study.user_attrs[key]
 

@@ -140,7 +140,7 @@ class StudyTrainable(tune.Trainable):
         self.reset_config(config)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
-        self._measurements = self._workload.evaluate(self._space.to_factors(new_config), self._schedule)
+        self._measurements = self._workload.trial_steps(self._space.to_factors(new_config), self._schedule)
         self._window_perplexities: list[float] = []
         self._started = time.perf_counter()
         return True

@@ -207,8 +207,10 @@ class Workload:
             splits[f"heldout:{source}"] = (windows, masks)
         return splits
 
-    def fitness(self, factors: RopeFactors, split: str = "searched", desc: str = "trial") -> tuple[float, list[float]]:
-        """Perplexity of ``factors`` on one of :attr:`splits` (by default the searched windows)."""
+    def split_perplexity(self, factors: RopeFactors, split: str = "searched",
+                         desc: str = "trial") -> tuple[float, list[float]]:
+        """Perplexity of ``factors`` on one of :attr:`splits` (by default the searched windows: a trial's
+        value), and each window's own."""
         windows, masks = self.splits[split]
         result = self._perplexity(factors, windows, masks, desc)
         return result.perplexity, result.window_perplexities
@@ -222,21 +224,21 @@ class Workload:
         prefixes = search.pruning_prefixes if search.pruning and self.score_masks is None else ()
         return fidelity_schedule([window.numel() for window in self.windows], prefixes)
 
-    def measure(self, factors: RopeFactors, step: FidelityStep, desc: str = "trial") -> PerplexityResult:
+    def step_perplexity(self, factors: RopeFactors, step: FidelityStep, desc: str = "trial") -> PerplexityResult:
         """Perplexity of one fidelity step: searched window ``step.window`` cut to ``step.tokens`` tokens."""
         masks = None if self.score_masks is None else [self.score_masks[step.window][: step.tokens]]
         return self._perplexity(factors, [self.windows[step.window][: step.tokens]], masks, desc)
 
-    def evaluate(self, factors: RopeFactors, schedule: list[FidelityStep],
-                 desc: str = "trial") -> Iterator[Measurement]:
-        """Measure ``factors`` step by step; after the last step the value equals :meth:`fitness`.
+    def trial_steps(self, factors: RopeFactors, schedule: list[FidelityStep],
+                    desc: str = "trial") -> Iterator[Measurement]:
+        """Measure ``factors`` step by step; after the last step the value equals :meth:`split_perplexity`.
 
         A prefix step's value is its own perplexity; a full window's is the token-weighted
-        perplexity of the full windows so far, summed in the same order as :meth:`fitness`.
+        perplexity of the full windows so far, summed in the same order as :meth:`split_perplexity`.
         """
         nll, tokens = 0.0, 0
         for step in schedule:
-            result = self.measure(factors, step, desc)
+            result = self.step_perplexity(factors, step, desc)
             if step.prefix:
                 yield Measurement(step, result.perplexity, result.perplexity)
                 continue
@@ -460,7 +462,7 @@ def make_objective(workload: Workload, space: RopeSearchSpace,
         trial.set_user_attr("worker", worker_name())
         per_window = []
         try:
-            for position, measured in enumerate(workload.evaluate(factors, schedule, desc=f"trial {trial.number}")):
+            for position, measured in enumerate(workload.trial_steps(factors, schedule, desc=f"trial {trial.number}")):
                 trial.report(measured.value, measured.step.step)
                 if not measured.step.prefix:
                     per_window.append(measured.perplexity)
@@ -610,7 +612,7 @@ def compare_with_baselines(study: optuna.Study, workload: Workload, space: RopeS
         if value is None and split == "searched":
             value = searched_values.get(name) or _matching_trial_value(study, space, factors)
         if value is None:
-            value, _ = workload.fitness(factors, split=split, desc=f"{name} ({split})")
+            value, _ = workload.split_perplexity(factors, split=split, desc=f"{name} ({split})")
         study.set_user_attr(key, value)
         return value
 

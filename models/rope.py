@@ -95,8 +95,9 @@ class RopeFactors:
 
     @property
     def scale(self) -> float:
-        """Length extension ratio ``s = target_length / original_length``."""
-        return self.target_length / self.original_length
+        """The extension ratio ``s = target_length / original_length``, never below 1: one meaning everywhere
+        (:func:`models.baselines.length_scale`, the search spaces' ``scale``)."""
+        return max(1.0, self.target_length / self.original_length)
 
     @property
     def num_factors(self) -> int:

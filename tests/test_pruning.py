@@ -75,11 +75,11 @@ def test_stepwise_values_end_at_the_full_fitness():
     schedule = workload.schedule(preset.search)
     assert [step.step for step in schedule] == ALL_STEPS
     assert [step.step for step in workload.schedule(preset.replace(search__pruning=False).search)] == FULL_STEPS
-    measured = list(workload.evaluate(factors, schedule))
-    value, per_window = workload.fitness(factors)
+    measured = list(workload.trial_steps(factors, schedule))
+    value, per_window = workload.split_perplexity(factors)
     assert measured[-1].value == value  # the same sums in the same order: bit for bit
     assert [m.perplexity for m in measured[1:]] == per_window
-    prefix = workload.measure(factors, schedule[0])
+    prefix = workload.step_perplexity(factors, schedule[0])
     assert measured[0].value == prefix.perplexity and prefix.tokens == 127
 
 

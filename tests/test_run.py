@@ -117,7 +117,7 @@ def test_stale_running_trial_is_failed_and_retried(tmp_path, monkeypatch):
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_measure = study_module.Workload.measure
+    real_measure = study_module.Workload.step_perplexity
 
     def flaky(self, factors, step, desc="trial"):
         calls["n"] += 1
@@ -125,7 +125,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch
             raise RuntimeError("CUDA out of memory (simulated)")
         return real_measure(self, factors, step, desc=desc)
 
-    monkeypatch.setattr(study_module.Workload, "measure", flaky)
+    monkeypatch.setattr(study_module.Workload, "step_perplexity", flaky)
     assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "6", "--quiet"]) == 0
     trials = load_study(tmp_path).trials
     failed = [t for t in trials if t.state.name == "FAIL"]
@@ -271,7 +271,7 @@ def test_a_resume_under_other_data_settings_is_refused_with_one_line(tmp_path, c
 
 def test_ctrl_c_in_a_trial_requeues_it_at_once_and_the_rerun_runs_it_first(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real_measure = study_module.Workload.measure
+    real_measure = study_module.Workload.step_perplexity
 
     def interrupted(self, factors, step, desc="trial"):
         calls["n"] += 1
@@ -279,7 +279,7 @@ def test_ctrl_c_in_a_trial_requeues_it_at_once_and_the_rerun_runs_it_first(tmp_p
             raise KeyboardInterrupt
         return real_measure(self, factors, step, desc=desc)
 
-    monkeypatch.setattr(study_module.Workload, "measure", interrupted)
+    monkeypatch.setattr(study_module.Workload, "step_perplexity", interrupted)
     base = ["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]
     assert main(base) == 130
     assert "queued to run first" in capsys.readouterr().err

@@ -83,7 +83,7 @@ def test_progressive_stage_searches_on_top_and_multiplies(run_dir, tmp_path):
     assert (final.original_length, final.target_length) == (128, 512)
     # The study's value is the perplexity of the model running the product, measured without any stage.
     plain = load_workload(load_preset("tiny").replace(target_length=512, data__samples=1, data__heldout_samples=0))
-    value, _ = plain.fitness(final)
+    value, _ = plain.split_perplexity(final)
     assert value == pytest.approx(second.metadata["searched_perplexity"], rel=1e-6)
     # Evaluation and fine-tuning read the final factors back from the storage too.
     from_storage, model = study_factors("tiny_longer", out=out)
