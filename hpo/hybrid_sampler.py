@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.curve_space import MonotoneCurveSpace
-from hpo.sampler import PARENTS_KEY, PROPOSAL_KEY, ROLE_KEY, LongRoPESampler
+from hpo.sampler import LongRoPESampler, Proposal
 from hpo.search_space import LongRoPESearchSpace
 
 MODEL = "model"  # the role of a generation-0 trial that the model-based sampler proposed
@@ -61,15 +61,10 @@ class HybridSampler(LongRoPESampler):
         # the evolutionary sampler's key: the records (hpo.records.GENERATION_KEY) read either sampler's generations
         return LongRoPESampler._get_generation_key()
 
-    def _propose(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    def _propose(self, study: optuna.Study, trial: FrozenTrial) -> Proposal:
         if self.get_trial_generation(study, trial) > 0:
             return super()._propose(study, trial)
-        proposal = self._model_proposal(study, trial)
-        storage = study._storage
-        storage.set_trial_system_attr(trial._trial_id, PROPOSAL_KEY, proposal)
-        storage.set_trial_system_attr(trial._trial_id, ROLE_KEY, MODEL)
-        storage.set_trial_system_attr(trial._trial_id, PARENTS_KEY, [])
-        return proposal
+        return Proposal(self._model_proposal(study, trial), MODEL, [])
 
     def _model_proposal(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         """The model's next curve, after every evaluated trial, as per-pair parameters."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,17 @@ SLOT_KEY = "LongRoPESampler:slot"  # with the sweep rule: the place in its gener
 PARENT_SWEEP = "parent-sweep"
 MUTANT_SWEEP = "mutant-sweep"
 START_TOKEN_SEARCHES = ("gene", "sweep")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What a sampler decided for one trial: its parameters, its role (:data:`MUTANT`, :data:`CROSSOVER`,
+    :data:`START_TOKENS`...), the numbers of the trials it came from, and its sweep slot if any."""
+
+    params: dict[str, Any]
+    role: str
+    parents: list[int]
+    slot: str | None = None
 
 
 def _grid_index(value: float, step: float) -> int:
@@ -400,18 +412,30 @@ class LongRoPESampler(BaseGASampler):
             return {}
         # `trial` is a snapshot from before before_trial; the storage has its generation.
         current = study._storage.get_trial(trial._trial_id)
-        proposal = current.system_attrs.get(PROPOSAL_KEY)
-        if proposal is None:
+        params = current.system_attrs.get(PROPOSAL_KEY)
+        if params is None:
             proposal = self._propose(study, current)
-        return {name: value for name, value in proposal.items() if name in search_space}
+            self._record(study, current, proposal)
+            params = proposal.params
+        return {name: value for name, value in params.items() if name in search_space}
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
         return self._random_sampler.sample_independent(study, trial, param_name, param_distribution)
 
-    def _propose(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-        """Decide ``trial``'s parameters and store them with its role and parents."""
+    @staticmethod
+    def _record(study: optuna.Study, trial: FrozenTrial, proposal: Proposal) -> None:
+        """Store ``proposal`` on ``trial`` when made, so other workers see it and a resumed study keeps it."""
+        storage = study._storage
+        storage.set_trial_system_attr(trial._trial_id, PROPOSAL_KEY, proposal.params)
+        storage.set_trial_system_attr(trial._trial_id, ROLE_KEY, proposal.role)
+        storage.set_trial_system_attr(trial._trial_id, PARENTS_KEY, proposal.parents)
+        if proposal.slot:
+            storage.set_trial_system_attr(trial._trial_id, SLOT_KEY, proposal.slot)
+
+    def _propose(self, study: optuna.Study, trial: FrozenTrial) -> Proposal:
+        """Decide ``trial``'s parameters, role and parents (the class docstring's rules); nothing is written."""
         generation = self.get_trial_generation(study, trial)
         rng = np.random.default_rng([self._seed, trial.number])
         trials = study._get_trials(deepcopy=False)
@@ -447,13 +471,7 @@ class LongRoPESampler(BaseGASampler):
             i = int(rng.integers(len(parents)))
             parent_numbers, proposal = [parents[i].number], self._mutant(parent_params[i], seen, rng)
 
-        storage = study._storage
-        storage.set_trial_system_attr(trial._trial_id, PROPOSAL_KEY, proposal)
-        storage.set_trial_system_attr(trial._trial_id, ROLE_KEY, role)
-        storage.set_trial_system_attr(trial._trial_id, PARENTS_KEY, parent_numbers)
-        if slot:
-            storage.set_trial_system_attr(trial._trial_id, SLOT_KEY, slot)
-        return proposal
+        return Proposal(proposal, role, parent_numbers, slot)
 
     def _sweep_slot(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int) -> tuple[str, int]:
         """With the sweep rule, ``trial``'s slot in its generation (see the class docstring) and its index
