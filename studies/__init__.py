@@ -208,8 +208,8 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
         raise PresetError(f"{where}: {error}") from None
 
 
-def _checked(preset: StudyPreset) -> StudyPreset:
-    """Reject settings that would fail later, with the preset's name in the message."""
+def _study_problems(preset: StudyPreset) -> list[str]:
+    """What is wrong with the preset's name, lengths, ``[extend]`` and ``[fitness]``."""
     problems = []
     if not (isinstance(preset.name, str) and STUDY_NAME.fullmatch(preset.name)):
         # the name is the default output directory runs/<name>: it must not lead anywhere else
@@ -231,7 +231,12 @@ def _checked(preset: StudyPreset) -> StudyPreset:
         problems.append(f"target_length {preset.target_length} must be longer than original_length {original}")
     if preset.fitness.kind not in FITNESS_KINDS:
         problems.append(f"fitness.kind must be one of {', '.join(FITNESS_KINDS)}, got {preset.fitness.kind!r}")
-    search = preset.search
+    return problems
+
+
+def _search_problems(search: SearchSpec) -> list[str]:
+    """What is wrong with ``[search]``."""
+    problems = []
     for name in ("n_trials", "population", "parents", "mutants", "crossovers"):
         value = getattr(search, name)
         if not isinstance(value, int) or value < 1:
@@ -302,16 +307,27 @@ def _checked(preset: StudyPreset) -> StudyPreset:
     if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
         problems.append(f"search.early_stop_generations must be a positive integer (or absent: off), "
                         f"got {patience!r}")
+    return problems
+
+
+def _data_problems(data: DataSpec) -> list[str]:
+    """What is wrong with ``[data]``."""
+    problems = []
     for name in ("samples", "heldout_samples", "heldout_text_samples"):
-        value = getattr(preset.data, name)
+        value = getattr(data, name)
         if not isinstance(value, int) or value < 0 or (name == "samples" and value == 0):
             problems.append(f"data.{name} must be a positive integer, got {value!r}")
-    min_tokens = preset.data.min_tokens
+    min_tokens = data.min_tokens
     if min_tokens is not None and (not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 1):
         problems.append(f"data.min_tokens must be a positive integer, got {min_tokens!r}")
-    if min_tokens is not None and preset.data.window_mode == "stream":
+    if min_tokens is not None and data.window_mode == "stream":
         problems.append("data.min_tokens selects long documents; window_mode 'stream' joins them: remove one")
-    tune = preset.finetune
+    return problems
+
+
+def _finetune_problems(tune: FinetuneSpec) -> list[str]:
+    """What is wrong with ``[finetune]``."""
+    problems = []
     for name in ("steps", "batch_size", "gradient_accumulation", "lora_rank", "save_every", "eval_every"):
         value = getattr(tune, name)
         if not isinstance(value, int) or value < 1:
@@ -320,6 +336,13 @@ def _checked(preset: StudyPreset) -> StudyPreset:
         problems.append(f"finetune.learning_rate must be a positive number, got {tune.learning_rate!r}")
     if not isinstance(tune.mixed_short_fraction, int | float) or not 0 <= tune.mixed_short_fraction < 1:
         problems.append(f"finetune.mixed_short_fraction must be in [0, 1), got {tune.mixed_short_fraction!r}")
+    return problems
+
+
+def _checked(preset: StudyPreset) -> StudyPreset:
+    """Reject settings that would fail later, every problem at once, with the preset's name in the message."""
+    problems = [*_study_problems(preset), *_search_problems(preset.search), *_data_problems(preset.data),
+                *_finetune_problems(preset.finetune)]
     if problems:
         raise PresetError(f"study {preset.name!r}: " + "; ".join(problems))
     return preset
