@@ -182,7 +182,7 @@ def replay(full: optuna.Study, pruner: ParentPruner) -> tuple[list[FrozenTrial],
         steps = sorted(trial.intermediate_values.items())
         for position, (step, value) in enumerate(steps):
             asked.report(value, step)
-            # as hpo.study.make_objective: never after the last step, where pruning saves nothing
+            # as hpo.trials.StudyTrials.report: never after the last step, where pruning saves nothing
             if position < len(steps) - 1 and asked.should_prune():
                 pruned.add(trial.number)
                 study.tell(asked, state=TrialState.PRUNED)

@@ -33,6 +33,7 @@ from hpo.records import (
     study_stage,
     writable_dir,
 )
+from hpo.stages import ShortStage
 from models.export import save_extended_model
 from models.gguf_export import WEIGHT_TYPES, extend_gguf, model_to_gguf
 from models.loading import gguf_file, load_model
@@ -49,7 +50,7 @@ def exported_pair(study: optuna.Study, short_study: optuna.Study | None = None
     if short_factors is not None:
         raise StudyError(f"study {study.study_name!r} holds short factors itself: drop --short-from")
     short_stage = study_stage(short_study)
-    if short_stage is None or short_stage.mode != "short":
+    if not isinstance(short_stage, ShortStage):
         raise StudyError(f"--short-from {short_study.study_name!r} is not a short-context readjustment study")
     if short_stage.factors.rescale_factors != long_factors.rescale_factors:
         raise StudyError(f"{short_study.study_name!r} searched short factors for other long factors than "

@@ -70,6 +70,7 @@ from hpo.records import (
     study_dir,
     study_factors,
 )
+from hpo.stages import ShortStage
 from models.atomic import SCRATCH_SUFFIX, move_into_place, remove, written_atomically
 from models.export import save_extended_model
 from models.loading import load_model, pick_attention, pick_device, pick_dtype
@@ -98,16 +99,16 @@ class FinetuneError(ValueError):
 # Data: packed rows, as (tokens, starts) pairs of [rows, length] tensors; starts marks each document's first token.
 
 
-def is_short(micro_step: int, fraction: float, seed: int) -> bool:
+def in_original_window(micro_step: int, fraction: float, seed: int) -> bool:
     """Whether micro-batch ``micro_step`` runs at the original window (mixed context window training)."""
     return fraction > 0 and np.random.default_rng([seed, micro_step, 1]).random() < fraction
 
 
-def short_factors(factors: RopeFactors) -> RopeFactors:
+def original_window_factors(factors: RopeFactors) -> RopeFactors:
     """The RoPE an exported ``longrope`` model uses within the original window: factors 1, same attention factor."""
     return RopeFactors(rescale_factors=(1.0,) * factors.num_factors, original_length=factors.original_length,
                        target_length=factors.original_length, attention_scaling=factors.attention_scaling,
-                       method="short")
+                       method="original-window")
 
 
 def training_text(preset: StudyPreset) -> tuple[str, str]:
@@ -249,7 +250,7 @@ def load_for_training(preset: StudyPreset, factors: RopeFactors, device: torch.d
     """``(model, tokenizer, model name)``: fp32 master weights on the CPU (Accelerate places them), the model
     the stage trains (a longer stage's is the earlier stage's), checked against ``factors``."""
     stage = stage_for(preset)
-    if stage and stage.mode == "short":
+    if isinstance(stage, ShortStage):
         raise FinetuneError(f"study {preset.name!r} searched short factors for the model of "
                             f"{stage.from_study!r}; fine-tune that study (its long factors) instead")
     model_name = stage.model if stage else preset.model.name
@@ -314,16 +315,16 @@ def measure_heldout(state: TrainState, accelerator: Accelerator, model: nn.Modul
 def train_step(state: TrainState, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler, rows: Rows, factors: RopeFactors, tune: FinetuneSpec, short_row_bos: int | None) -> None:
     """One optimizer step over ``tune.gradient_accumulation`` micro-batches read from ``state.position`` on
-    (a seeded share at the original window with :func:`short_factors`); ``state`` advances."""
+    (a seeded share at the original window with :func:`original_window_factors`); ``state`` advances."""
     started, step_tokens, step_loss = time.perf_counter(), 0, 0.0
     raw_model = accelerator.unwrap_model(model)
     for micro in range(tune.gradient_accumulation):
         first = state.position + accelerator.process_index * tune.batch_size
         chosen = training_rows(first, tune.batch_size, len(rows.train_tokens), tune.seed)
         tokens, starts = rows.train_tokens[chosen], rows.train_starts[chosen]
-        if is_short(state.step * tune.gradient_accumulation + micro, tune.mixed_short_fraction, tune.seed):
+        if in_original_window(state.step * tune.gradient_accumulation + micro, tune.mixed_short_fraction, tune.seed):
             tokens, starts = split_rows(tokens, starts, factors.original_length, short_row_bos)
-            apply_factors(raw_model, short_factors(factors))
+            apply_factors(raw_model, original_window_factors(factors))
             state.short_batches += 1
         else:
             apply_factors(raw_model, factors)

@@ -3,11 +3,10 @@
 Only the middle step of :mod:`hpo.study`'s flow changes: the study, its storage, sampler, seeds,
 pruner, claims and reports are the local backend's, and Ray Tune decides where each trial runs.
 
-- :class:`StudySearcher` is Ray's ``OptunaSearch`` on the study's own storage, name and
-  sampler (:class:`~hpo.sampler.LongRoPESampler`, or TPE, CMA-ES or GP: ``[search] sampler``). It
-  claims every trial through :class:`~hpo.records.TrialClaims` (so the budget stays exact with other
-  processes on the same study), keeps its heartbeat in the driver and records the result as the
-  local objective does.
+- :class:`StudySearcher` implements Tune's public ``Searcher`` contract over the study: it claims,
+  reports and records every trial through :class:`~hpo.trials.StudyTrials`, the bookkeeping the local
+  loop uses (the study's sampler proposes, the claims keep the budget exact with other processes on the
+  same study, the heartbeats run in the driver).
 - :class:`StudyScheduler` reports each fidelity step to the study and stops the Tune trial when
   the study's :class:`~hpo.pruning.ParentPruner` prunes it: the local backend's decisions, in
   place of ASHA, whose rungs compare the trials of one Tune run only and forget them on resume.
@@ -26,8 +25,6 @@ import functools
 import math
 import os
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,17 +32,15 @@ from typing import Any
 import optuna
 import ray
 from optuna.storages import RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
-from hpo.early_stopping import StopRule, forget_stale_stop, stopper
-from hpo.records import ERROR_ATTR, StopSignals, TrialClaims, interrupt_trial, interrupts_held, worker_name
+from hpo.records import ERROR_ATTR, StopSignals, worker_name
 from hpo.search_space import RopeSearchSpace
-from hpo.study import BackendError, TrialProgress, Workload, load_workload, open_claims, search_space_for
+from hpo.study import BackendError, Workload, load_workload, search_space_for
+from hpo.trials import StudyTrials
 from models.loading import connection_error
 from studies import StudyPreset
 
@@ -159,66 +154,42 @@ class StudyTrainable(tune.Trainable):
                 "window_perplexities": list(self._window_perplexities)}
 
 
-class StudySearcher(OptunaSearch):
-    """Ray Tune's ``OptunaSearch`` on the study's storage and sampler, claiming trials like a local worker.
+class StudySearcher(Searcher):
+    """Ray Tune's search algorithm over the study: Tune's public :class:`~ray.tune.search.Searcher` contract,
+    with every trial claimed, reported and recorded by :class:`~hpo.trials.StudyTrials` as a local run does.
 
-    - :meth:`suggest` claims the next trial with :class:`~hpo.records.TrialClaims` (``FINISHED``
-      once the study holds its ``n_trials`` running, complete or pruned trials, or once ``stop``
-      fires: early stopping, recorded and logged by the claim), starts its heartbeat in this driver
-      process and hands its parameters to Tune.
+    - :meth:`suggest` claims the next study trial (:data:`Searcher.FINISHED` once the study needs no more:
+      its budget is held or early stopping fired) and hands its parameters to Tune as the trial's config;
+      the study's sampler proposed them, so every sampler runs on Ray alike.
     - :meth:`report` (called by :class:`StudyScheduler` for every result but the last) records the
       running value at its step and asks the study's pruner.
-    - :meth:`on_trial_complete` tells the study: COMPLETE after the last step, PRUNED when the
-      pruner stopped it (Optuna keeps the last running value), FAIL when measuring raised or the
-      worker died; with the local backend's user attrs. A trial Tune stopped before its last step
-      (an interrupted run) is ended with :func:`~hpo.records.interrupt_trial`, as :meth:`close` ends
-      the ones Tune never reported.
+    - :meth:`on_trial_complete` tells the study: COMPLETE after the last step, PRUNED when the pruner
+      stopped it, FAIL when measuring raised or the worker died, with the result's user attrs
+      (:data:`RESULT_ATTRS`); a trial Tune stopped before its last step (an interrupted run) is
+      interrupted (its parameters run first next time), as :meth:`close` does for those Tune never
+      completed. A second completion of the same trial is ignored.
 
-    The study is the only checkpoint: :meth:`save_to_dir` writes nothing, and a run is resumed by
-    running the same command again.
-
-    Args:
-        study: the study (its sampler and pruner are used; OptunaSearch opens it again by name).
-        storage: the study's storage.
-        claims: the study's claims (from :func:`~hpo.study.open_claims`).
-        space: the search space; its distributions are what every trial is asked for.
-        n_trials: finished trials the study should hold.
-        on_told: called with the study and each trial once it is told (progress).
-        stop: the early-stopping rule (:func:`hpo.early_stopping.stopper`); ``None``: off.
+    The study is the only checkpoint: :meth:`save` writes nothing, and a run is resumed by running the
+    same command again.
     """
 
-    def __init__(self, study: optuna.Study, storage: RDBStorage, claims: TrialClaims, space: RopeSearchSpace,
-                 n_trials: int, on_told: Callable[[optuna.Study, FrozenTrial], None],
-                 stop: StopRule | None = None) -> None:
-        super().__init__(space=space.distributions(), metric=METRIC, mode="min", sampler=study.sampler,
-                         storage=storage, study_name=study.study_name)
-        self._ot_study.pruner = study.pruner  # OptunaSearch opens the study with a NopPruner
-        self._claims = claims
-        self._n_trials = n_trials
-        self._on_told = on_told
-        self._stop = stop
-        self._heartbeats: dict[str, BaseHeartbeatThread] = {}
+    def __init__(self, trials: StudyTrials) -> None:
+        super().__init__(metric=METRIC, mode="min")
+        self._trials = trials
+        self._running: dict[str, optuna.Trial] = {}  # by Tune's trial id
         self._pruned: set[str] = set()
-        self.claimed = 0  # trials this searcher claimed: a run that claims none has nothing left to do
-
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        trial = self._claims.claim(self._ot_study, self._space, self._n_trials, self._stop)
+        trial = self._trials.claim()
         if trial is None:
             return Searcher.FINISHED
-        self.claimed += 1
-        self._ot_trials[trial_id] = trial
-        heartbeat = get_heartbeat_thread(trial._trial_id, self._ot_study._storage)
-        with interrupts_held():  # as records.heartbeat_running: a signal in Thread.start would orphan the thread
-            heartbeat.start()
-            self._heartbeats[trial_id] = heartbeat
+        self._running[trial_id] = trial
         return dict(trial.params)
 
     def report(self, trial_id: str, result: dict[str, Any]) -> bool:
         """Record ``result``'s running value on the study trial; whether the study's pruner prunes it."""
-        trial = self._ot_trials[trial_id]
-        trial.report(result[METRIC], result["fidelity_step"])
-        if trial.should_prune():
+        if self._trials.report(self._running[trial_id], result[METRIC], result["fidelity_step"],
+                               last=result["complete"]):
             self._pruned.add(trial_id)
         return trial_id in self._pruned
 
@@ -226,42 +197,34 @@ class StudySearcher(OptunaSearch):
         """Nothing: :class:`StudyScheduler` reports every result before Tune calls this."""
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        trial = self._ot_trials.pop(trial_id)
-        self._heartbeats.pop(trial_id).join()
-        result = result or {}
-        for key in RESULT_ATTRS:
-            if key in result:
-                trial.set_user_attr(key, result[key])
-        if trial_id in self._pruned:
-            told = self._ot_study.tell(trial, state=TrialState.PRUNED)
-        elif result.get("complete") and not error:
-            value = result[METRIC]
-            trial.report(value, result["fidelity_step"])  # the last step never reaches the scheduler
-            if not math.isfinite(value):
-                trial.set_user_attr(ERROR_ATTR, f"non-finite perplexity {value}")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # a non-finite value fails the trial: recorded above
-                told = self._ot_study.tell(trial, value)
-        elif error or ERROR_ATTR in result:
-            trial.set_user_attr(ERROR_ATTR, result.get(ERROR_ATTR, "the Ray worker died"))
-            told = self._ot_study.tell(trial, state=TrialState.FAIL)
-        else:  # stopped by Tune before its last step: its parameters run again first
-            interrupt_trial(self._ot_study, trial)
+        trial = self._running.pop(trial_id, None)
+        if trial is None:  # already told
             return
-        self._on_told(self._ot_study, told)
+        result = result or {}
+        attrs = {key: result[key] for key in RESULT_ATTRS if key in result}
+        if trial_id in self._pruned:
+            self._trials.finish(trial, state=TrialState.PRUNED, user_attrs=attrs)
+        elif result.get("complete") and not error:
+            self._trials.report(trial, result[METRIC], result["fidelity_step"], last=True)  # never reached report
+            self._trials.finish(trial, result[METRIC], user_attrs=attrs)
+        elif error or ERROR_ATTR in result:
+            attrs.setdefault(ERROR_ATTR, "the Ray worker died")
+            self._trials.finish(trial, state=TrialState.FAIL, user_attrs=attrs)
+        else:  # stopped by Tune before its last step
+            self._trials.interrupt(trial)
 
-    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+    def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the study storage is the checkpoint."""
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to restore: a resumed run reads the study storage."""
+
     def close(self) -> None:
-        """End the trials Tune never completed (a run that Ctrl-C or SIGTERM broke off) with
-        :func:`~hpo.records.interrupt_trial`, so their parameters run first next time."""
-        for heartbeat in self._heartbeats.values():
-            heartbeat.join()
-        self._heartbeats.clear()
-        for trial in self._ot_trials.values():
-            interrupt_trial(self._ot_study, trial)
-        self._ot_trials.clear()
+        """Interrupt the trials Tune never completed (a run that Ctrl-C or SIGTERM broke off), so their
+        parameters run first next time."""
+        for trial in self._running.values():
+            self._trials.interrupt(trial)
+        self._running.clear()
 
 
 class StudyScheduler(FIFOScheduler):
@@ -287,12 +250,8 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
     ``workload`` is the driver's (for the seeds' geometry); the workers load their own.
     Tune's own files go to ``out_dir/ray_results``.
     """
-    n_trials = preset.search.n_trials
-    claims = open_claims(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds))
-    stop = stopper(preset.search, study.sampler)
-    with claims.locked():
-        forget_stale_stop(study, stop)
-    bar = TrialProgress(study, n_trials, progress)
+    trials = StudyTrials(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds),
+                         preset.search, progress)
     # Tune passes this on to its trainables: they stay in the driver's directory, so relative
     # model and data paths in a preset work as they do locally.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -303,7 +262,8 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
                                     {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     try:
         while True:
-            searcher = StudySearcher(study, storage, claims, space, n_trials, bar.update, stop)
+            searcher = StudySearcher(trials)
+            claimed = trials.claimed
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=StudyScheduler(searcher), num_samples=-1,
@@ -322,8 +282,8 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
                 searcher.close()
             # As the local loop: wait for the other processes' last trials, then claim again, since a trial
             # that failed meanwhile (here or there) freed its place; done once a run claims nothing.
-            claims.wait(study)
-            if searcher.claimed == 0:
+            trials.wait_for_others()
+            if trials.claimed == claimed:
                 return
     except KeyboardInterrupt:
         # Tune's cleanup did not run: the interrupted fit's trial actors would hold their CPUs and GPUs in a
@@ -331,4 +291,4 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
         ray.shutdown()
         raise
     finally:
-        bar.close()
+        trials.close()

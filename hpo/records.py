@@ -45,13 +45,14 @@ import pandas as pd
 import sqlalchemy
 from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages._rdb.models import TrialHeartbeatModel
 from optuna.trial import TrialState
 
 from hpo.curve_space import MonotoneCurveSpace
 from hpo.search_space import LongRoPESearchSpace, RopeSearchSpace
-from models.rope import RopeFactors, chain_factors
+from hpo.stages import STAGE_KINDS, Stage, stage_from_record
+from models.rope import RopeFactors
 
 if TYPE_CHECKING:  # presets sit above the records: only their shape is used here
     from studies import StudyPreset
@@ -229,38 +230,6 @@ def load_study(name: str, storage: str | None = None, out: str | Path | None = N
 # What a study was run on
 
 
-@dataclass(frozen=True)
-class Stage:
-    """What an earlier study hands to a chained one (a preset's ``[extend]``).
-
-    ``factors`` are the earlier study's (the ones its fine-tuned model was trained with, when
-    ``model`` is that model's directory); ``mode`` is ``"longer"`` or ``"short"``.
-    """
-
-    from_study: str
-    mode: str
-    factors: RopeFactors
-    model: str
-
-    def to_record(self) -> dict[str, Any]:
-        """The stage as JSON types, recorded on the study (``from_record`` reads it back)."""
-        return {"from_study": self.from_study, "mode": self.mode, "factors": self.factors.to_dict(),
-                "model": self.model}
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Stage:
-        """The stage a :meth:`to_record` record describes."""
-        return cls(record["from_study"], record["mode"], RopeFactors.from_dict(record["factors"]), record["model"])
-
-    def final_factors(self, found: RopeFactors) -> RopeFactors:
-        """The factors the model runs with for searched ``found``: chained after the earlier ones when longer;
-        when short, with the long factors' attention scaling, since an exported ``longrope`` config has one
-        attention factor for both sets."""
-        if self.mode == "longer":
-            return chain_factors(self.factors, found)
-        return dataclasses.replace(found, attention_scaling=self.factors.attention_scaling)
-
-
 def stage_for(preset: StudyPreset) -> Stage | None:
     """The earlier study a chained preset builds on, read from that study's output directory.
 
@@ -285,7 +254,7 @@ def stage_for(preset: StudyPreset) -> Stage | None:
     if not factor_file.is_file():
         raise StudyError(f"study {preset.name!r} builds on {extend.from_study!r}, but {factor_file} does not "
                           f"exist: {missing}")
-    return Stage(extend.from_study, extend.mode, RopeFactors.load(factor_file), model)
+    return STAGE_KINDS[extend.mode](extend.from_study, RopeFactors.load(factor_file), model)
 
 
 def _refuse_other_settings(name: str, what: str, recorded: dict[str, Any], current: dict[str, Any]) -> None:
@@ -346,7 +315,7 @@ def recorded_search_space(study: optuna.Study) -> RopeSearchSpace:
 def study_stage(study: optuna.Study) -> Stage | None:
     """The earlier study a chained study was built on, as :func:`record_study` recorded it."""
     record = study.user_attrs.get(STAGE_ATTR)
-    return Stage.from_record(record) if record else None
+    return stage_from_record(record) if record else None
 
 
 def study_model(study: optuna.Study) -> str | None:
@@ -397,7 +366,7 @@ def exported_factors(study: optuna.Study, **metadata: Any) -> tuple[RopeFactors,
     earlier study's long factors and its own best; any other study's are its best alone (:func:`best_factors`)."""
     found = best_factors(study, **metadata)
     stage = study_stage(study)
-    return (stage.factors, found) if stage and stage.mode == "short" else (found, None)
+    return stage.exported(found) if stage else (found, None)
 
 
 def study_factors(name: str, storage: str | None = None,
@@ -632,26 +601,6 @@ def interrupts_held() -> Iterator[None]:
             signal.signal(signum, handler)
         for signum in held:
             signal.raise_signal(signum)
-
-
-@contextmanager
-def heartbeat_running(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """``trial``'s heartbeat thread, running while the block runs.
-
-    Started with signals held (:func:`interrupts_held`): ``Thread.start`` waits for the new thread to
-    run, and a Ctrl-C raised in that wait would leave a heartbeat that no one stops, and a process
-    that never exits (seen under load). A signal held there arrives once the thread will be joined.
-    """
-    thread = get_heartbeat_thread(trial._trial_id, study._storage)
-    started = False
-    try:
-        with interrupts_held():
-            thread.start()
-            started = True
-        yield
-    finally:
-        if started:
-            thread.join()
 
 
 def requeue(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> None:

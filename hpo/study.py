@@ -16,7 +16,6 @@ pruned (:mod:`hpo.pruning`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -31,28 +30,22 @@ import torch
 from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from tqdm.auto import tqdm
 
 from hpo.curve_space import MonotoneCurveSpace
-from hpo.early_stopping import forget_stale_stop, stopper
 from hpo.hybrid_sampler import HybridSampler
 from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.records import (
     ERROR_ATTR,
-    EVALUATED,
-    Stage,
     StopSignals,
-    TrialClaims,
-    heartbeat_running,
-    interrupt_trial,
-    interrupts_held,
     record_study,
     seed_records,
     stage_for,
     worker_name,
 )
-from hpo.sampler import LongRoPESampler, enqueue_seeds
+from hpo.sampler import LongRoPESampler
 from hpo.search_space import LongRoPESearchSpace, RopeSearchSpace
+from hpo.stages import Stage
+from hpo.trials import StudyTrials
 from models.baselines import (
     baseline,
     critical_dimension,
@@ -172,14 +165,14 @@ class Workload:
         return self.stage.final_factors(factors) if self.stage else factors
 
     def seeds(self, space: RopeSearchSpace, hand_made: bool = False) -> list[RopeFactors]:
-        """The trials that open the search: the space's baselines, after the long factors and no scaling when
-        short; with ``hand_made``, then the other references of the comparison (:func:`reference_candidates`)
-        and the members of :func:`~models.baselines.hand_made_curves` (never in LongRoPE2's space, whose
-        factors start at ``s`` from the critical dim)."""
+        """The trials that open the search: the space's baselines, after a chained study's stage's own
+        (:meth:`~hpo.stages.Stage.first_seeds`); with ``hand_made``, then the other references of the
+        comparison (:func:`reference_candidates`) and the members of :func:`~models.baselines.hand_made_curves`
+        (never in LongRoPE2's space, whose factors start at ``s`` from the critical dim)."""
         seeds = space.seeds(self.geometry)
-        if self.stage and self.stage.mode == "short":
-            identity = baseline("none", self.model_geometry, space.target_length)
-            return [dataclasses.replace(self.stage.factors, method="long"), identity, *seeds]
+        if self.stage:
+            seeds = [*self.stage.first_seeds(self.model_geometry, space.target_length), *seeds]
+        hand_made = hand_made and (not self.stage or self.stage.takes_hand_made_seeds)
         if hand_made and not getattr(space, "longrope2", False):
             families = hand_made_curves(self.geometry, space.target_length, space.yarn_beta_fast,
                                         space.yarn_beta_slow)
@@ -265,16 +258,10 @@ def load_workload(preset: StudyPreset) -> Workload:
         if stage.factors.original_length != model_geometry.original_length:
             raise FactorError(f"{stage.from_study}'s factors extend a {stage.factors.original_length}-token window; "
                               f"the model's is {model_geometry.original_length}")
-    if stage and stage.mode == "short":
-        if preset.target_length > model_geometry.original_length:
-            raise ValueError(f"a short stage searches within the model's window: target_length "
-                             f"{preset.target_length} must be at most {model_geometry.original_length}")
-    else:
-        if stage:
-            geometry = RopeGeometry(model_geometry.rotary_dim, model_geometry.base, stage.factors.target_length)
-        if preset.target_length <= geometry.original_length:
-            raise ValueError(f"target_length {preset.target_length} must be longer than the "
-                             f"{'earlier stage' if stage else 'model'}'s original window {geometry.original_length}")
+        geometry = stage.search_geometry(model_geometry, preset.target_length)
+    elif preset.target_length <= geometry.original_length:
+        raise ValueError(f"target_length {preset.target_length} must be longer than the model's original window "
+                         f"{geometry.original_length}")
     data = preset.data
 
     def cut(first: int, samples: int,
@@ -314,8 +301,8 @@ def search_space_for(preset: StudyPreset, workload: Workload) -> RopeSearchSpace
     """
     search = preset.search
     geometry = workload.geometry
-    short = workload.stage is not None and workload.stage.mode == "short"
-    target_length = workload.stage.factors.target_length if short else preset.target_length
+    stage = workload.stage
+    target_length = stage.search_target_length(preset.target_length) if stage else preset.target_length
     if search.sampler in CURVE_SAMPLERS:
         return curve_space_for(search, geometry.num_factors, geometry.original_length, target_length)
     swept = search.critical_dim if isinstance(search.critical_dim, tuple) else ()
@@ -416,139 +403,60 @@ def open_study(preset: StudyPreset, storage: RDBStorage, space: RopeSearchSpace,
     return study
 
 
-def open_claims(study: optuna.Study, storage: RDBStorage, space: RopeSearchSpace,
-                seeds: list[RopeFactors]) -> TrialClaims:
-    """The study's :class:`TrialClaims`, with ``seeds`` (:meth:`Workload.seeds`) enqueued once per study.
+def measure_trial(trials: StudyTrials, trial: optuna.Trial, workload: Workload, space: RopeSearchSpace,
+                  schedule: list[FidelityStep]) -> FrozenTrial:
+    """Measure a claimed trial's factors step by step in this process and record how it ended.
 
-    The seeds are enqueued under the claims lock: the first worker enqueues them, the others find
-    them recorded (unlocked, two workers starting together would both enqueue them).
+    After every step but the last the study's pruner may stop it; an error fails it (recorded in the
+    ``error`` user attr) and the run goes on, as ``study.optimize`` does. Ctrl-C propagates.
     """
-    claims = TrialClaims(storage, study.study_name)
-    with claims.locked():
-        enqueue_seeds(study, space, seeds)
-    return claims
-
-
-class TrialProgress:
-    """A progress bar over the study's complete and pruned trials (the budget), with the best value so far."""
-
-    def __init__(self, study: optuna.Study, n_trials: int, enabled: bool = True) -> None:
-        done = len(study.get_trials(deepcopy=False, states=EVALUATED))
-        self._bar = tqdm(total=n_trials, initial=min(done, n_trials), desc="trials", unit="trial",
-                         disable=not enabled)
-
-    def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Advance for a finished trial and show the best value so far."""
-        self._bar.update(int(trial.state in EVALUATED))
-        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if completed:
-            self._bar.set_postfix(best=f"{min(t.value for t in completed):.3f}", last=trial.state.name.lower())
-
-    def close(self) -> None:
-        """End the bar."""
-        self._bar.close()
-
-
-def make_objective(workload: Workload, space: RopeSearchSpace,
-                   schedule: list[FidelityStep]) -> Callable[[optuna.Trial], float]:
-    """The trial objective: measure the trial's factors step by step, reporting each running value.
-
-    After every step but the last the study's pruner may stop the trial (``optuna.TrialPruned``);
-    pruning after the last step would save nothing. Errors are recorded in the ``error`` user attr.
-    """
-    def objective(trial: optuna.Trial) -> float:
-        factors = space.to_factors(trial.params)
-        started = time.perf_counter()
-        trial.set_user_attr("worker", worker_name())
-        per_window = []
-        try:
-            for position, measured in enumerate(workload.trial_steps(factors, schedule, desc=f"trial {trial.number}")):
-                trial.report(measured.value, measured.step.step)
-                if not measured.step.prefix:
-                    per_window.append(measured.perplexity)
-                if position < len(schedule) - 1 and trial.should_prune():
-                    raise optuna.TrialPruned(f"{measured.value:.4f} at step {measured.step.step} could not "
-                                             f"make a parent")
-        except optuna.TrialPruned:
-            raise
-        except Exception as error:
-            trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}")
-            raise
-        finally:
-            trial.set_user_attr("window_perplexities", per_window)
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-        if not math.isfinite(measured.value):
-            trial.set_user_attr(ERROR_ATTR, f"non-finite perplexity {measured.value}")
-        return measured.value
-
-    return objective
-
-
-def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
-    """Evaluate a claimed trial with a heartbeat running and tell the study how it ended.
-
-    Like ``study.optimize``'s own step: pruned and failed trials are recorded as such and the run
-    goes on; a non-finite value fails the trial. Ctrl-C propagates (:func:`run_search` ends the
-    trial with :func:`interrupt_trial`).
-    """
+    started = time.perf_counter()
+    attrs: dict[str, Any] = {"worker": worker_name(), "window_perplexities": []}
     value, state = None, None
-    with heartbeat_running(study, trial):
-        try:
-            value = objective(trial)
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except Exception as error:
-            logger.warning("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
-            state = TrialState.FAIL
-    # held: a signal inside tell would cut its transaction short and lose a finished trial's result
-    with warnings.catch_warnings(), interrupts_held():
-        warnings.simplefilter("ignore", UserWarning)  # Optuna's own note on a non-finite value: logged below
-        told = study.tell(trial, value) if state is None else study.tell(trial, state=state)
-    if state is None and told.state == TrialState.FAIL:  # a non-finite value
-        logger.warning("trial %d failed: %s", trial.number, told.user_attrs.get("error"))
-    return told
+    try:
+        for measured in workload.trial_steps(space.to_factors(trial.params), schedule, desc=f"trial {trial.number}"):
+            if not measured.step.prefix:
+                attrs["window_perplexities"].append(measured.perplexity)
+            if trials.report(trial, measured.value, measured.step.step, last=measured.step == schedule[-1]):
+                state = TrialState.PRUNED
+                break
+        else:
+            value = measured.value
+    except Exception as error:
+        attrs[ERROR_ATTR] = f"{type(error).__name__}: {error}"
+        state = TrialState.FAIL
+    attrs["seconds"] = round(time.perf_counter() - started, 2)
+    return trials.finish(trial, value, state, attrs)
 
 
 def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, space: RopeSearchSpace,
                preset: StudyPreset, progress: bool = True, stop_signals: StopSignals | None = None) -> None:
     """Run trials until the study holds ``preset.search.n_trials`` complete or pruned ones.
 
-    Trials are claimed through :class:`TrialClaims`, so any number of processes may run this on one
-    storage at the same time: together they finish exactly that many trials, and each returns once
-    the study has them all (it waits for the others' last trials, then claims the places that
-    failed trials freed). Ctrl-C ends the running trial with :func:`interrupt_trial`; ``stop_signals``
+    Trials are claimed through :class:`~hpo.trials.StudyTrials`, so any number of processes may run this
+    on one storage at the same time: together they finish exactly that many trials, and each returns once
+    the study has them all (it waits for the others' last trials, then claims the places that failed trials
+    freed). Ctrl-C ends the running trial with :func:`~hpo.records.interrupt_trial`; ``stop_signals``
     (:class:`~hpo.records.StopSignals`) is checked before each claim, so a signal that Python dropped
     still stops the run. With ``[search] early_stop_generations`` they stop claiming sooner, once the
     best value has stalled (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
     """
-    n_trials = preset.search.n_trials
-    claims = open_claims(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds))
-    stop = stopper(preset.search, study.sampler)
-    with claims.locked():
-        forget_stale_stop(study, stop)
-    objective = make_objective(workload, space, workload.schedule(preset.search))
-    bar = TrialProgress(study, n_trials, progress)
-    distributions = space.distributions()
-    trial = None
+    trials = StudyTrials(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds),
+                         preset.search, progress)
+    schedule = workload.schedule(preset.search)
     try:
         while True:
             if stop_signals is not None:
                 stop_signals.check()
-            with interrupts_held():
-                trial = claims.claim(study, distributions, n_trials, stop)
+            trial = trials.claim()
             if trial is None:
-                claims.wait(study)  # the others' last trials; a dead worker's fail and are re-queued
-                with interrupts_held():
-                    trial = claims.claim(study, distributions, n_trials, stop)
+                trials.wait_for_others()
+                trial = trials.claim()
                 if trial is None:
                     return
-            bar.update(study, run_trial(study, trial, objective))
-    except KeyboardInterrupt:
-        if trial is not None:
-            interrupt_trial(study, trial)
-        raise
+            measure_trial(trials, trial, workload, space, schedule)
     finally:
-        bar.close()
+        trials.close()
 
 
 def _matching_trial_value(study: optuna.Study, space: RopeSearchSpace, factors: RopeFactors) -> float | None:
@@ -563,12 +471,8 @@ def _matching_trial_value(study: optuna.Study, space: RopeSearchSpace, factors: 
 
 def reference_candidates(workload: Workload, space: RopeSearchSpace) -> list[tuple[str, RopeFactors]]:
     """What the best trial is compared with: the baselines of :data:`REFERENCE_METHODS` (YaRN with the
-    preset's betas), on top of a longer stage's factors; for a short stage, no rescaling (factors 1: what
-    the export uses within the window without a short search) and the long factors."""
+    preset's betas), or what a chained study's stage makes of them (:meth:`~hpo.stages.Stage.references`)."""
     stage, geometry, target_length = workload.stage, workload.geometry, space.target_length
-    if stage and stage.mode == "short":
-        return [("none", baseline("none", workload.model_geometry, target_length)),
-                (f"{stage.from_study} long factors", stage.factors)]
     betas = (space.yarn_beta_fast, space.yarn_beta_slow)
     scaling = longrope_attention_scaling(length_scale(geometry, target_length), geometry.original_length)
     candidates = []
@@ -578,10 +482,7 @@ def reference_candidates(workload: Workload, space: RopeSearchSpace) -> list[tup
         else:
             factors = baseline(name, geometry, target_length)
         candidates.append((name, factors))
-    if stage:
-        return [(f"{stage.from_study} only" if name == "none" else f"{stage.from_study} + {name}", factors)
-                for name, factors in candidates]
-    return candidates
+    return stage.references(candidates, workload.model_geometry, target_length) if stage else candidates
 
 
 def compare_with_baselines(study: optuna.Study, workload: Workload, space: RopeSearchSpace) -> list[dict]:

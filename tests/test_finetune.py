@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from hpo import finetune as finetune_module
-from hpo.finetune import finetune, is_short, load_rows, main, short_factors
+from hpo.finetune import finetune, in_original_window, load_rows, main, original_window_factors
 from models.loading import load_model
 from models.patch import apply_factors
 from models.rope import RopeFactors, RopeGeometry
@@ -207,7 +207,7 @@ def test_export_loads_in_stock_transformers_and_reproduces_the_patched_model(tra
     # the same trained weights on the model's original config, with the factors patched in
     original_config = load_model("tiny-random-llama", dtype="float32", device="cpu")[0].config
     patched = LlamaForCausalLM.from_pretrained(directory / "finetuned", config=original_config).eval()
-    for length, factors in ((100, short_factors(FACTORS)), (200, FACTORS)):  # within and beyond the window
+    for length, factors in ((100, original_window_factors(FACTORS)), (200, FACTORS)):  # within and beyond the window
         ids = torch.randint(0, exported.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
         apply_factors(patched, factors)
         with torch.no_grad():
@@ -248,7 +248,7 @@ def test_resuming_with_other_settings_or_without_a_checkpoint_is_refused(trained
 
 def test_mixed_window_runs_short_rows_with_the_original_rope(tmp_path, monkeypatch):
     preset = load_preset("tiny").replace(finetune__mixed_short_fraction=0.5, finetune__steps=4)
-    kinds = ["short" if is_short(step, 0.5, preset.finetune.seed) else "long" for step in range(4)]
+    kinds = ["short" if in_original_window(step, 0.5, preset.finetune.seed) else "long" for step in range(4)]
     assert set(kinds) == {"short", "long"}, kinds
     seen = []
     forward = LlamaRotaryEmbedding.forward

@@ -13,12 +13,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hpo.finetune import main as finetune_main
 from hpo.records import study_factors
+from hpo.stages import STAGE_KINDS, LongerStage, ShortStage, stage_from_record
 from hpo.study import load_workload
 from models.baselines import linear_interpolation, yarn
 from models.loading import load_model
 from models.patch import patched
 from models.rope import FactorError, RopeFactors, RopeGeometry, chain_factors
-from studies import PresetError, load_preset
+from studies import EXTEND_MODES, PresetError, load_preset
 
 GEOMETRY = RopeGeometry(rotary_dim=16, base=10000.0, original_length=128)
 
@@ -69,6 +70,34 @@ def run_stage(tmp_path, text: str, name: str):
     done = subprocess.run([sys.executable, "-m", "hpo.run", "--study", str(preset), "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=600)
     return done, out
+
+
+def test_each_extend_mode_is_a_stage_kind_that_answers_without_a_model():
+    assert set(STAGE_KINDS) == set(EXTEND_MODES)
+    long_factors = yarn(GEOMETRY, 256)
+    found = linear_interpolation(RopeGeometry(16, 10000.0, 256), 512)
+    longer = LongerStage("tiny", long_factors, "tiny-random-llama")
+    assert longer.search_geometry(GEOMETRY, 512).original_length == 256
+    with pytest.raises(ValueError, match="longer than the earlier stage's original window 256"):
+        longer.search_geometry(GEOMETRY, 256)
+    assert longer.search_target_length(512) == 512
+    assert longer.exported(longer.final_factors(found)) == (chain_factors(long_factors, found), None)
+    assert longer.first_seeds(GEOMETRY, 512) == []
+    assert [name for name, _ in longer.references([("none", found), ("pi", found)], GEOMETRY, 512)] == [
+        "tiny only", "tiny + pi"]
+
+    short = ShortStage("tiny", long_factors, "tiny-random-llama")
+    within = linear_interpolation(GEOMETRY, 128)
+    assert short.search_geometry(GEOMETRY, 128) == GEOMETRY
+    with pytest.raises(ValueError, match="at most 128"):
+        short.search_geometry(GEOMETRY, 256)
+    assert short.search_target_length(128) == 256  # bounded as the long factors
+    final = short.final_factors(within)
+    assert final.attention_scaling == long_factors.attention_scaling
+    assert short.exported(final) == (long_factors, final)
+    assert [seed.method for seed in short.first_seeds(GEOMETRY, 256)] == ["long", "none"]
+    for stage in (longer, short):
+        assert stage_from_record(json.loads(json.dumps(stage.to_record()))) == stage
 
 
 def test_progressive_stage_searches_on_top_and_multiplies(run_dir, tmp_path):
