@@ -437,41 +437,48 @@ class LongRoPESampler(BaseGASampler):
     def _propose(self, study: optuna.Study, trial: FrozenTrial) -> Proposal:
         """Decide ``trial``'s parameters, role and parents (the class docstring's rules); nothing is written."""
         generation = self.get_trial_generation(study, trial)
-        rng = np.random.default_rng([self._seed, trial.number])
         trials = study._get_trials(deepcopy=False)
         seen = {self._grid_key(p) for t in trials for p in self._known_params(t)}
         parents = self.get_parent_population(study, generation)
-        parent_params = [self._project(t.params) for t in parents]
+        role, slot, index = self._role_and_slot(trials, trial, generation, len(parents))
+        variant = self._start_token_variant(study, trials, generation, parents, slot, index, seen) if slot else None
+        if variant is not None:
+            parent_numbers, params = variant
+            return Proposal(params, START_TOKENS, parent_numbers, slot)
+        rng = np.random.default_rng([self._seed, trial.number])
+        parent_numbers, params = self._offspring(study, role, parents, seen, rng)
+        return Proposal(params, role, parent_numbers, slot)
 
-        # A crossover needs two parents; strict pruning can leave one (see Parents).
+    def _role_and_slot(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int,
+                       n_parents: int) -> tuple[str, str | None, int]:
+        """``(role, sweep slot or None, index among the slots of its kind)`` of a new trial."""
         slot, index = self._sweep_slot(trials, trial, generation) if self._sweep else (None, 0)
         if self._sweep:
             role = slot if slot == CROSSOVER else MUTANT  # a sweep slot with nothing new to try is a mutant
         else:
             role = self._role(trials, trial, generation)
-        role = role if len(parents) >= 2 else MUTANT
-        variant = self._start_token_variant(study, trials, generation, parents, slot, index, seen) if slot else None
-        if variant is not None:
-            role, (parent_numbers, proposal) = START_TOKENS, variant
-        elif not parents:
-            parent_numbers = []
-            proposal = self._mutant(self._initial_params(study, rng), seen, rng)
-        elif role == CROSSOVER:
+        # A crossover needs two parents; strict pruning can leave one (see Parents).
+        return (role if n_parents >= 2 else MUTANT), slot, index
+
+    def _offspring(self, study: optuna.Study, role: str, parents: list[FrozenTrial], seen: set,
+                   rng: np.random.Generator) -> tuple[list[int], dict[str, Any]]:
+        """``(parent numbers, parameters)`` of a :data:`MUTANT` or :data:`CROSSOVER` child of ``parents``
+        (a mutant of the initial curve when there are none); a crossover with nothing new to give is a mutant."""
+        if not parents:
+            return [], self._mutant(self._initial_params(study, rng), seen, rng)
+        parent_params = [self._project(t.params) for t in parents]
+        if role == CROSSOVER:
             i, j = (int(k) for k in rng.choice(len(parents), size=2, replace=False))
             if self._space.sweeps_critical_dim:  # only parents of one critical dim have genes in common
                 mates = [k for k, p in enumerate(parent_params) if k != i
                          and p[CRITICAL_DIM_PARAM] == parent_params[i][CRITICAL_DIM_PARAM]]
                 j = int(rng.choice(mates)) if mates else i
             child = self._crossover_child(parent_params[i], parent_params[j], seen, rng) if j != i else None
-            if child is None:
-                parent_numbers, proposal = [parents[i].number], self._mutant(parent_params[i], seen, rng)
-            else:
-                parent_numbers, proposal = [parents[i].number, parents[j].number], child
-        else:
-            i = int(rng.integers(len(parents)))
-            parent_numbers, proposal = [parents[i].number], self._mutant(parent_params[i], seen, rng)
-
-        return Proposal(proposal, role, parent_numbers, slot)
+            if child is not None:
+                return [parents[i].number, parents[j].number], child
+            return [parents[i].number], self._mutant(parent_params[i], seen, rng)
+        i = int(rng.integers(len(parents)))
+        return [parents[i].number], self._mutant(parent_params[i], seen, rng)
 
     def _sweep_slot(self, trials: list[FrozenTrial], trial: FrozenTrial, generation: int) -> tuple[str, int]:
         """With the sweep rule, ``trial``'s slot in its generation (see the class docstring) and its index
