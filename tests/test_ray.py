@@ -12,8 +12,9 @@ import optuna
 import pytest
 import ray
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
-from hpo.ray_backend import RayOptions, concurrency
+from hpo.ray_backend import METRIC, RayOptions, StudySearcher, concurrency
 from hpo.run import main
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
 
@@ -122,6 +123,35 @@ def test_sigterm_on_ray_requeues_the_running_trials_and_a_rerun_keeps_the_budget
     for trial in interrupted:  # their parameters ran again, to the end
         retried = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
         assert [t.state for t in retried] == [TrialState.COMPLETE] and retried[0].params == trial.params
+
+
+class RecordedTrials:
+    """A StudyTrials stand-in that hands out one trial and records how it was finished."""
+
+    def __init__(self, trial):
+        self.trial, self.finished = trial, []
+
+    def claim(self):
+        trial, self.trial = self.trial, None
+        return trial
+
+    def report(self, trial, value, step, last):
+        return False
+
+    def finish(self, trial, value=None, state=None, user_attrs=None):
+        self.finished.append((trial.number, value, state))
+
+
+def test_the_searcher_tells_a_trial_once_and_then_says_finished():
+    study = optuna.create_study()
+    trials = RecordedTrials(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}))
+    searcher = StudySearcher(trials)
+    assert set(searcher.suggest("tune-1")) == {"x"}  # the study trial's parameters, handed to Tune
+    assert searcher.suggest("tune-2") == Searcher.FINISHED
+    result = {METRIC: 1.5, "fidelity_step": 0, "complete": True}
+    searcher.on_trial_complete("tune-1", result)
+    searcher.on_trial_complete("tune-1", result)  # Tune may report a completion twice: told once
+    assert trials.finished == [(0, 1.5, None)]
 
 
 def test_unreachable_ray_address_is_a_clear_error(tmp_path):
