@@ -205,7 +205,8 @@ class StudySearcher(Searcher):
         if trial_id in self._pruned:
             self._trials.finish(trial, state=TrialState.PRUNED, user_attrs=attrs)
         elif result.get("complete") and not error:
-            self._trials.report(trial, result[METRIC], result["fidelity_step"], last=True)  # never reached report
+            # the last result never reaches the scheduler, so its step is recorded here
+            self._trials.report(trial, result[METRIC], result["fidelity_step"], last=True)
             self._trials.finish(trial, result[METRIC], user_attrs=attrs)
         elif error or ERROR_ATTR in result:
             attrs.setdefault(ERROR_ATTR, "the Ray worker died")
