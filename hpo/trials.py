@@ -124,14 +124,15 @@ class StudyTrials:
     def finish(self, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None,
                user_attrs: dict[str, Any] | None = None) -> FrozenTrial:
         """Tell the study that ``trial`` ended: with ``value`` (complete) or in ``state`` (PRUNED, FAIL)."""
-        _, heartbeat = self._held.pop(trial.number)
-        heartbeat.join()
-        for key, attr in (user_attrs or {}).items():
-            trial.set_user_attr(key, attr)
-        if state is None and not math.isfinite(value):
-            trial.set_user_attr(ERROR_ATTR, f"non-finite perplexity {value}")
-        # held: a signal inside tell would cut its transaction short and lose a finished trial's result
+        # held from the moment the trial leaves the held ones: a signal before tell would leave it RUNNING
+        # (close would no longer see it), one inside tell would cut its transaction short and lose the result
         with warnings.catch_warnings(), interrupts_held():
+            _, heartbeat = self._held.pop(trial.number)
+            heartbeat.join()
+            for key, attr in (user_attrs or {}).items():
+                trial.set_user_attr(key, attr)
+            if state is None and not math.isfinite(value):
+                trial.set_user_attr(ERROR_ATTR, f"non-finite perplexity {value}")
             warnings.simplefilter("ignore", UserWarning)  # Optuna's own note on a non-finite value: logged below
             told = self.study.tell(trial, value) if state is None else self.study.tell(trial, state=state)
         if told.state == TrialState.FAIL:
@@ -141,9 +142,10 @@ class StudyTrials:
 
     def interrupt(self, trial: optuna.Trial) -> None:
         """End ``trial``, which a signal or the backend stopped before its last step; it runs again first."""
-        _, heartbeat = self._held.pop(trial.number)
-        heartbeat.join()
-        interrupt_trial(self.study, trial)
+        with interrupts_held():  # a second Ctrl-C here would leave the trial RUNNING, out of the held ones
+            _, heartbeat = self._held.pop(trial.number)
+            heartbeat.join()
+            interrupt_trial(self.study, trial)
 
     def close(self) -> None:
         """Interrupt every trial still held (a run broken off) and end the progress bar."""

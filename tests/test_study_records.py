@@ -142,8 +142,10 @@ def test_interruptions_do_not_use_up_the_retries_of_a_killed_trial(tmp_path, mon
     assert waiting[0].system_attrs["retry_history"] == [0, 1, 2]
 
 
-def test_a_signal_while_a_finished_trial_is_recorded_keeps_its_result(tmp_path, monkeypatch, capsys):
-    """SIGTERM inside study.tell used to cut its transaction short: exit 1 with a traceback, the result lost."""
+@pytest.mark.parametrize("moment", ["attrs", "tell"])
+def test_a_signal_while_a_finished_trial_is_recorded_keeps_its_result(tmp_path, monkeypatch, capsys, moment):
+    """SIGTERM inside study.tell used to cut its transaction short (exit 1 with a traceback, the result lost);
+    one while the trial's attrs were written, before tell, left it RUNNING (seen once in CI)."""
     tells = {"n": 0, "armed": False}
     real_open = run_module.open_storage
 
@@ -158,16 +160,22 @@ def test_a_signal_while_a_finished_trial_is_recorded_keeps_its_result(tmp_path, 
 
         return storage
 
-    real_tell = optuna.Study.tell
+    real_tell, real_set_user_attr = optuna.Study.tell, optuna.Trial.set_user_attr
 
     def tell(self, trial, values=None, state=None, skip_if_finished=False):
         if values is not None:
             tells["n"] += 1
-            tells["armed"] = tells["n"] == 3
+            tells["armed"] = tells["n"] == 3 and moment == "tell"
         return real_tell(self, trial, values, state, skip_if_finished)
+
+    def set_user_attr(self, key, value):
+        real_set_user_attr(self, key, value)
+        if key == "seconds" and self.number == 2 and moment == "attrs":
+            os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(run_module, "open_storage", open_storage)
     monkeypatch.setattr(optuna.Study, "tell", tell)
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr)
     assert run_main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]) == 130
     assert "interrupted" in one_line(capsys.readouterr().err)
     trials = load_study("tiny", out=tmp_path).trials
