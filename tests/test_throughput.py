@@ -79,3 +79,32 @@ def test_a_trial_forward_gives_sdpa_no_mask_and_the_causal_flag(monkeypatch):
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
     window_nll(model, torch.randint(0, model.config.vocab_size, (1, 200)))
     assert seen and all(mask is None for mask in seen)
+
+
+@pytest.fixture(scope="module")
+def bench_cuda():
+    spec = importlib.util.spec_from_file_location(
+        "bench_throughput_cuda", Path(__file__).parents[1] / "benchmarks" / "throughput_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_benchmark_compares_kernels_on_one_forward_and_says_which_cannot_run(bench_cuda, tmp_path, capsys):
+    """On the CPU (the GPU run's logic, smoke-tested): every kernel scores the same NLL, one SDPA cannot run
+    here is a row with its error, and the JSON holds every row."""
+    out = tmp_path / "throughput_cuda.json"
+    bench_cuda.main(["--device", "cpu", "--model", "tiny-random-llama", "--lengths", "128", "--square", "128",
+                     "--shape-tokens", "128", "--repeats", "1", "--kernels", "sdpa default,sdpa flash,sdpa cudnn",
+                     "--json", str(out)])
+    default, flash, cudnn = json.loads(out.read_text())["rows"]
+    assert default["nll_per_token"] == pytest.approx(flash["nll_per_token"], rel=1e-4)
+    assert default["seconds"] > 0 and "error" in cudnn
+    assert "| 128 | sdpa cudnn | RuntimeError" in capsys.readouterr().out
+
+
+def test_the_gpu_benchmark_on_a_machine_without_one_says_so(bench_cuda, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as ended:
+        bench_cuda.main([])
+    assert ended.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
