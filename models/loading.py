@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
@@ -69,7 +70,7 @@ def pick_device(device: str = "auto") -> torch.device:
 def pick_dtype(dtype: str, device: torch.device, config: PretrainedConfig | None = None) -> torch.dtype:
     """``auto`` is bf16 on a GPU that computes it natively, else fp32; on a CPU, given the model's ``config``,
     it is the type measured to run that model's layer fastest (:func:`models.precision.fastest_cpu_dtype`),
-    and fp32 before the config is read (what :func:`load_model` loads in before it measures)."""
+    and fp32 without a config (what :func:`load_model` loads a GGUF file or a hub model in before it measures)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -325,6 +326,17 @@ def _load_any(name_or_path: str, local: Path, torch_dtype: torch.dtype,
     return _load_from_hub(name_or_path, torch_dtype, attn)
 
 
+def _directory_config(local: Path) -> PretrainedConfig | None:
+    """The config of a transformers model directory, read before its weights (a CPU's ``auto`` dtype needs the
+    shapes); None for anything else, or a config that does not read (loading then says why)."""
+    if not (local / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(local)
+    except (OSError, ValueError):
+        return None
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -344,9 +356,9 @@ def load_model(
     local = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS:
         local = _embedded_model_dir(name_or_path)
-    torch_dtype = pick_dtype(dtype, target_device)
+    torch_dtype = pick_dtype(dtype, target_device, _directory_config(local))
     model, tokenizer = _load_any(name_or_path, local, torch_dtype, attn)
-    measured = pick_dtype(dtype, target_device, model.config)  # a CPU's auto, now that the shapes are known
+    measured = pick_dtype(dtype, target_device, model.config)  # GGUF and the hub: the shapes are known only now
     if measured != torch_dtype:  # load again rather than cast: a cast would round the fp32 RoPE inv_freq too
         del model
         torch_dtype = measured

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import assets, precision
+from models import assets, loading, precision
 from models.loading import ModelLoadError, load_model, pick_dtype
 from objectives.data import load_windows
 from objectives.perplexity import perplexity
@@ -26,7 +26,7 @@ def test_missing_gguf_and_non_model_directory(tmp_path):
 
 def test_dtype_choice():
     cpu = torch.device("cpu")
-    assert pick_dtype("auto", cpu) == torch.float32  # before a config is read: what load_model loads in first
+    assert pick_dtype("auto", cpu) == torch.float32  # no config: what GGUF and hub models load in first
     assert pick_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         pick_dtype("int3", cpu)
@@ -90,3 +90,12 @@ def test_gguf_file_loads_to_the_same_model_as_the_cached_conversion(real_model):
     assert gguf_tokenizer("The grass is green.")["input_ids"] == tokenizer("The grass is green.")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(gguf_model(ids).logits, model(ids).logits)
+
+
+def test_load_model_auto_reads_a_directory_once(probe_timings, monkeypatch):
+    """The dtype is measured from the directory's config before the weights are read, not after a first load."""
+    loads = []
+    real = loading._load_pretrained
+    monkeypatch.setattr(loading, "_load_pretrained", lambda *args: loads.append(args) or real(*args))
+    model, _ = load_model("tiny-random-llama")
+    assert model.dtype == torch.bfloat16 and len(loads) == 1
