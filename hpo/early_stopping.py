@@ -3,7 +3,7 @@
 The search stops when the best value changed by less than ``early_stop_delta`` over the last
 ``early_stop_generations`` generations (the reference: 0.001 perplexity over 20 generations).
 :func:`stop_reason` is the rule, a pure reader of the study's records; :func:`stopper` builds it
-from a preset's ``[search]`` settings for :meth:`hpo.records.TrialClaims.claim`, which stops handing
+from a preset's ``[search]`` settings for :meth:`hpo.trials.TrialClaims.claim`, which stops handing
 out trials once it fires, records the reason in the study's ``early_stopped`` user attr
 (:data:`STOPPED_ATTR`) and logs it.
 """

@@ -37,10 +37,10 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from hpo.records import ERROR_ATTR, StopSignals, worker_name
+from hpo.records import ERROR_ATTR, worker_name
 from hpo.search_space import RopeSearchSpace
 from hpo.study import BackendError, Workload, load_workload, search_space_for
-from hpo.trials import StudyTrials
+from hpo.trials import StopSignals, StudyTrials
 from models.loading import connection_error
 from studies import StudyPreset
 
@@ -246,7 +246,7 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
 
     Runs trials until the study holds ``preset.search.n_trials`` complete or pruned ones, or until
     early stopping fires as it does locally, and none runs. Ctrl-C or SIGTERM raises
-    ``KeyboardInterrupt`` once the running trials are ended with :func:`~hpo.records.interrupt_trial`
+    ``KeyboardInterrupt`` once the running trials are ended with :func:`~hpo.trials.interrupt_trial`
     and Ray is shut down (its trial actors with it).
     ``workload`` is the driver's (for the seeds' geometry); the workers load their own.
     Tune's own files go to ``out_dir/ray_results``.

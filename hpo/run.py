@@ -26,7 +26,6 @@ from hpo.cli import add_dtype_argument, checked_dtype, command, configure_loggin
 from hpo.outputs import write_outputs
 from hpo.records import (
     STOPPED_ATTR,
-    StopSignals,
     check_outputs_are_its_own,
     default_storage_url,
     open_storage,
@@ -42,6 +41,7 @@ from hpo.study import (
     run_search,
     search_space_for,
 )
+from hpo.trials import StopSignals
 from studies import SAMPLERS, StudyPreset, list_presets, load_preset
 
 logger = logging.getLogger("hpo.run")

@@ -6,7 +6,7 @@ trials until the study holds ``n_trials`` finished ones, then compare the best
 factors with none / PI / NTK / YaRN on both window sets; :mod:`hpo.outputs` writes the outputs.
 The Ray backend (:mod:`hpo.ray_backend`) replaces only the middle step.
 
-Every trial is claimed under a study-wide lock (:class:`~hpo.records.TrialClaims`), so several
+Every trial is claimed under a study-wide lock (:class:`~hpo.trials.TrialClaims`), so several
 processes may share one study, and committed to the storage when it ends, so a stop
 at any moment loses at most the running trial. A run killed hard (SIGKILL) leaves
 that trial RUNNING; its heartbeat goes stale and the next claim fails it and
@@ -36,7 +36,6 @@ from hpo.hybrid_sampler import HybridSampler
 from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.records import (
     ERROR_ATTR,
-    StopSignals,
     record_study,
     seed_records,
     stage_for,
@@ -45,7 +44,7 @@ from hpo.records import (
 from hpo.sampler import LongRoPESampler
 from hpo.search_space import LongRoPESearchSpace, RopeSearchSpace
 from hpo.stages import Stage
-from hpo.trials import StudyTrials
+from hpo.trials import StopSignals, StudyTrials
 from models.baselines import (
     baseline,
     critical_dimension,
@@ -88,7 +87,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     """An Optuna sampler made afresh for every trial, seeded with ``seed + trial.number``.
 
     Optuna's samplers draw from one random stream per process, so several processes sharing a study
-    with one seed (:class:`~hpo.records.TrialClaims`, the Ray driver beside a local worker) would propose
+    with one seed (:class:`~hpo.trials.TrialClaims`, the Ray driver beside a local worker) would propose
     the same parameters: the random start trials of TPE and GP coincide draw for draw. Seeding from the
     trial number gives each trial of a shared study its own stream, as :class:`~hpo.sampler.LongRoPESampler`
     does, and keeps a one-process run reproducible. The samplers read their state from the study's trials
@@ -436,8 +435,8 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
     Trials are claimed through :class:`~hpo.trials.StudyTrials`, so any number of processes may run this
     on one storage at the same time: together they finish exactly that many trials, and each returns once
     the study has them all (it waits for the others' last trials, then claims the places that failed trials
-    freed). Ctrl-C ends the running trial with :func:`~hpo.records.interrupt_trial`; ``stop_signals``
-    (:class:`~hpo.records.StopSignals`) is checked before each claim, so a signal that Python dropped
+    freed). Ctrl-C ends the running trial with :func:`~hpo.trials.interrupt_trial`; ``stop_signals``
+    (:class:`~hpo.trials.StopSignals`) is checked before each claim, so a signal that Python dropped
     still stops the run. With ``[search] early_stop_generations`` they stop claiming sooner, once the
     best value has stalled (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
     """

@@ -22,6 +22,7 @@ from hpo.cli import DTYPE_CHOICES
 from hpo.run import apply_overrides, build_parser, main
 from hpo.sampler import LongRoPESampler
 from hpo.search_space import LongRoPESearchSpace
+from hpo.trials import TrialClaims
 from models.loading import pick_dtype
 from models.rope import RopeFactors
 from studies import PRESET_DIR, load_preset
@@ -335,7 +336,7 @@ def test_a_new_study_never_overwrites_outputs_it_did_not_write(tmp_path, capsys)
 
 def test_a_signal_while_a_trial_is_claimed_still_ends_that_trial(tmp_path, monkeypatch, capsys):
     """SIGTERM between asking the study for a trial and handing it over used to leave it RUNNING."""
-    real_claim = records.TrialClaims.claim
+    real_claim = TrialClaims.claim
 
     def claim_then_sigterm(self, *args, **kwargs):
         trial = real_claim(self, *args, **kwargs)
@@ -343,7 +344,7 @@ def test_a_signal_while_a_trial_is_claimed_still_ends_that_trial(tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the claim, after study.ask
         return trial
 
-    monkeypatch.setattr(records.TrialClaims, "claim", claim_then_sigterm)
+    monkeypatch.setattr(TrialClaims, "claim", claim_then_sigterm)
     assert main(["--study", "tiny", "--out", str(tmp_path), "--n-trials", "8", "--quiet"]) == 130
     trials = load_study(tmp_path).trials
     assert not [t for t in trials if t.state.name == "RUNNING"]

@@ -21,6 +21,7 @@ from hpo import run as run_module
 from hpo.records import SEARCH_SPACE_ATTR, WORKLOAD_ATTR, StorageError, load_study
 from hpo.run import main as run_main
 from hpo.study import load_workload, open_study, search_space_for
+from hpo.trials import TrialClaims, interrupt_trial
 from studies import load_preset
 from tests.conftest import deadline
 
@@ -32,7 +33,8 @@ def one_line(err: str) -> str:
 
 def test_readers_do_not_load_the_runner():
     readers = "hpo.evaluate, hpo.export, hpo.finetune, dashboards.report, dashboards.serve, dashboards.figures"
-    runner = ("hpo.study", "hpo.sampler", "hpo.run", "hpo.ray_backend", "hpo.outputs", "hpo.early_stopping")
+    runner = ("hpo.study", "hpo.sampler", "hpo.run", "hpo.ray_backend", "hpo.outputs", "hpo.early_stopping",
+              "hpo.trials")
     done = subprocess.run([sys.executable, "-c", f"import sys, {readers}; print(' '.join(sorted(sys.modules)))"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -127,11 +129,11 @@ def test_interruptions_do_not_use_up_the_retries_of_a_killed_trial(tmp_path, mon
     workload = load_workload(preset)
     space = search_space_for(preset, workload)
     study = open_study(preset, storage, space, workload)
-    claims = records.TrialClaims(storage, study.study_name)
+    claims = TrialClaims(storage, study.study_name)
     distributions = space.distributions()
     first = claims.claim(study, distributions, 10)
-    records.interrupt_trial(study, first)
-    records.interrupt_trial(study, claims.claim(study, distributions, 10))  # the re-queued parameters
+    interrupt_trial(study, first)
+    interrupt_trial(study, claims.claim(study, distributions, 10))  # the re-queued parameters
     claims.claim(study, distributions, 10)  # once more, and its worker is killed: no heartbeat from now on
     with deadline(60, "the killed worker's trial to go stale"):
         claims.wait(study, poll_s=0.1)  # fails the stale trial once its heartbeat is old, and re-queues it

@@ -12,9 +12,10 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo import records
-from hpo.records import StorageError, TrialClaims, open_storage
+from hpo.records import StorageError, open_storage
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
 from hpo.study import load_workload, open_study, search_space_for
+from hpo.trials import TrialClaims
 from studies import PRESET_DIR, load_preset
 from tests.conftest import deadline
 
