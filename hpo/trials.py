@@ -51,6 +51,7 @@ logger = logging.getLogger("hpo.study")
 # ---------------------------------------------------------------------------------------------------------------
 # Hand-out and signals
 
+
 @contextmanager
 def _advisory_lock(engine: sqlalchemy.Engine, key: int) -> Iterator[None]:
     # AUTOCOMMIT: a session-level advisory lock needs no transaction, and an open one would idle on the server.
