@@ -86,7 +86,7 @@ def largest_quick_square(dtype: torch.dtype, budget_s: float = 1.0) -> int:
 def peaks(shape: LayerShape, vocab: int, shape_tokens: int, attention_lengths: list[int]) -> dict:
     """(a): GFLOP/s by dtype and operation; ``square`` holds the square size each dtype was measured at."""
     found: dict[str, dict[str, float]] = {"square": {}}
-    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    q_width, kv_width = shape.q_width, shape.kv_width
     shapes = {f"matmul {shape_tokens}x{shape.hidden}x{q_width} (q, o)": (shape_tokens, shape.hidden, q_width),
               f"matmul {shape_tokens}x{shape.hidden}x{kv_width} (k, v)": (shape_tokens, shape.hidden, kv_width),
               f"matmul {shape_tokens}x{shape.hidden}x{shape.intermediate} (gate, up)":

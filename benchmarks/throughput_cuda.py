@@ -83,7 +83,7 @@ def peaks(shape: LayerShape, vocab: int, square: int, shape_tokens: int, lengths
         weight = torch.randn(cols, inner, device=device, dtype=torch.bfloat16)
         return 2.0 * rows * inner * cols / seconds(lambda: F.linear(x, weight), device, repeats=10) / 1e12
 
-    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    q_width, kv_width = shape.q_width, shape.kv_width
     found = {f"matmul {square}x{square}x{square}": matmul(square, square, square),
              f"matmul {shape_tokens}x{shape.hidden}x{q_width} (q, o)": matmul(shape_tokens, shape.hidden, q_width),
              f"matmul {shape_tokens}x{shape.hidden}x{kv_width} (k, v)": matmul(shape_tokens, shape.hidden, kv_width),

@@ -50,15 +50,24 @@ class LayerShape:
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
 
+    @property
+    def q_width(self) -> int:
+        """Output width of the query projection (and input width of the output projection)."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Output width of the key and of the value projection."""
+        return self.kv_heads * self.head_dim
+
     def projection_flops(self, tokens: int) -> dict[str, float]:
         """FLOPs of each projection of one layer over ``tokens`` tokens (2 per multiply-add)."""
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q/k/v/o projections": 2.0 * tokens * self.hidden * (2 * q_width + 2 * kv_width),
+        return {"q/k/v/o projections": 2.0 * tokens * self.hidden * (2 * self.q_width + 2 * self.kv_width),
                 "MLP": 2.0 * tokens * self.hidden * self.intermediate * 3}
 
     def attention_flops(self, tokens: int) -> float:
         """FLOPs of causal attention over ``tokens`` tokens: QK^T and PV over the lower triangle."""
-        return 4.0 * self.heads * self.head_dim * tokens * (tokens + 1) / 2
+        return 4.0 * self.q_width * tokens * (tokens + 1) / 2
 
 
 def time_layer(shape: LayerShape, dtype: torch.dtype, tokens: int = PROBE_TOKENS, repeats: int = 2) -> float:
@@ -68,10 +77,9 @@ def time_layer(shape: LayerShape, dtype: torch.dtype, tokens: int = PROBE_TOKENS
     def weight(rows: int, cols: int) -> torch.Tensor:
         return (torch.randn(rows, cols, generator=generator) * cols ** -0.5).to(dtype)
 
-    q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     x = torch.randn(tokens, shape.hidden, generator=generator).to(dtype)
-    wq, wk, wv, wo = (weight(q_width, shape.hidden), weight(kv_width, shape.hidden),
-                      weight(kv_width, shape.hidden), weight(shape.hidden, q_width))
+    wq, wk, wv, wo = (weight(shape.q_width, shape.hidden), weight(shape.kv_width, shape.hidden),
+                      weight(shape.kv_width, shape.hidden), weight(shape.hidden, shape.q_width))
     wg, wu, wd = (weight(shape.intermediate, shape.hidden), weight(shape.intermediate, shape.hidden),
                   weight(shape.hidden, shape.intermediate))
 
@@ -82,7 +90,7 @@ def time_layer(shape: LayerShape, dtype: torch.dtype, tokens: int = PROBE_TOKENS
         attended = F.scaled_dot_product_attention(
             heads(F.linear(x, wq), shape.heads), heads(F.linear(x, wk), shape.kv_heads),
             heads(F.linear(x, wv), shape.kv_heads), is_causal=True, enable_gqa=shape.heads != shape.kv_heads)
-        hidden = F.linear(attended.transpose(1, 2).reshape(tokens, q_width), wo)
+        hidden = F.linear(attended.transpose(1, 2).reshape(tokens, shape.q_width), wo)
         return F.linear(F.silu(F.linear(hidden, wg)) * F.linear(hidden, wu), wd)
 
     with torch.inference_mode():
