@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.throughput import part_flops, trial_factors  # noqa: E402
 from models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 from models.patch import apply_factors  # noqa: E402
-from models.precision import LayerShape  # noqa: E402
+from models.precision import LayerShape, best_seconds  # noqa: E402
 from objectives.perplexity import window_nll  # noqa: E402
 
 SDPA_KERNELS = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa memory-efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -52,20 +52,14 @@ DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
 def seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Best wall seconds of ``run`` over ``repeats`` calls after one warm-up, the device synchronized around each."""
-    def synchronize() -> None:
+    """Best wall seconds of ``run`` (:func:`~models.precision.best_seconds`), the device synchronized after each
+    call so that the work it queued is timed too."""
+    def synchronized() -> None:
+        run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize()
-        started = time.perf_counter()
-        run()
-        synchronize()
-        best = min(best, time.perf_counter() - started)
-    return best
+    return best_seconds(synchronized, repeats)
 
 
 def kernel_context(kernel: str) -> AbstractContextManager:
