@@ -32,6 +32,7 @@ from hpo.search_space import (
     RopeSearchSpace,
 )
 from models.rope import RopeFactors
+from studies import START_TOKEN_SEARCHES
 
 # Study and trial system attributes. The generation and parent-cache keys come from
 # BaseGASampler, which derives them from the class name ("LongRoPESampler:..."); the seeds' and the
@@ -45,7 +46,6 @@ START_TOKENS = "start-tokens"  # a trial that re-evaluates another one with anot
 SLOT_KEY = "LongRoPESampler:slot"  # with the sweep rule: the place in its generation a trial was proposed for
 PARENT_SWEEP = "parent-sweep"
 MUTANT_SWEEP = "mutant-sweep"
-START_TOKEN_SEARCHES = ("gene", "sweep")
 
 
 @dataclass(frozen=True)

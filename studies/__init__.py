@@ -20,8 +20,8 @@ PRESET_DIR = Path(__file__).parent
 STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 FITNESS_KINDS = ("perplexity", "needle-perplexity")
 EXTEND_MODES = ("longer", "short")
-START_TOKEN_SEARCHES = ("gene", "sweep")  # as hpo.sampler.START_TOKEN_SEARCHES (presets sit below the search)
-SEED_METHODS = ("pi", "ntk", "yarn", "yarn-linear")  # the methods of LongRoPESearchSpace.seeds (plain LongRoPE)
+START_TOKEN_SEARCHES = ("gene", "sweep")  # n_hat as a gene, or the reference's sweep rule (hpo.sampler)
+SEED_METHODS = ("pi", "ntk", "yarn", "yarn-linear")  # baseline_seeds' methods (tests/test_sampler.py)
 # "longrope": the evolutionary sampler (hpo.sampler); "hybrid": the same with a TPE-proposed generation 0
 # (hpo.hybrid_sampler); the others are Optuna's (hpo.study.CURVE_SAMPLERS)
 SAMPLERS = ("longrope", "tpe", "cmaes", "gp", "hybrid")

@@ -23,6 +23,7 @@ from hpo.sampler import PARENTS_KEY, ROLE_KEY, LongRoPESampler, crossover, enque
 from hpo.search_space import ATTENTION_SCALING_PARAM, START_TOKENS_PARAM, LongRoPESearchSpace
 from models.baselines import longrope_attention_scaling
 from models.rope import RopeFactors, RopeGeometry
+from studies import SEED_METHODS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -121,7 +122,8 @@ def test_params_round_trip(params: dict[str, Any]) -> None:
 
 
 def test_seeds_are_the_baselines() -> None:
-    assert [seed.method for seed in SPACE.seeds(GEOMETRY)] == ["pi", "ntk", "yarn", "yarn-linear"]
+    # studies.SEED_METHODS is what a preset's mutants_of may name: the same methods, in the same order
+    assert tuple(seed.method for seed in SPACE.seeds(GEOMETRY)) == SEED_METHODS == ("pi", "ntk", "yarn", "yarn-linear")
     with pytest.raises(ValueError, match="geometry"):
         SPACE.seeds(RopeGeometry(rotary_dim=32, base=10000.0, original_length=1000))
 
