@@ -32,16 +32,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.cli import command
 from hpo.pruning import ParentPruner
 from hpo.records import open_storage
 from hpo.sampler import LongRoPESampler
 from hpo.study import load_workload, open_study, run_search, search_space_for
+from hpo.trials import StopSignals
 from studies import StudyPreset, load_preset
 
 
@@ -219,35 +222,8 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
               f"{'the end' if diverged is None else diverged} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", default="smollm2_16k", help="preset name or .toml path")
-    parser.add_argument("--samples", type=int, default=5, help="searched windows (pruning needs several)")
-    parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
-    parser.add_argument("--pruned-trials", type=int, help="finished trials per pruned run (default: --n-trials): "
-                        "pruned trials are cheap, so a pruned run may get more to reach the same best")
-    parser.add_argument("--seed", type=int, help="search seed (default: the preset's)")
-    parser.add_argument("--margin", help="pruning margin(s), comma-separated: one pruned run each "
-                                         "(default: the preset's)")
-    parser.add_argument("--prefixes", help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_pruning"), help="where the studies go")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--replay", type=Path, metavar="DB",
-                        help="replay this finished run without pruning (a benchmark's *-full.db) instead of running")
-    parser.add_argument("--rank", help="ranks a running value must stay within, comma-separated: one pruned run "
-                                       "(or replay) per rank and margin (default: the study's parent count)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="resume the runs already in --out (a finished one is read, not run again) instead "
-                             "of starting fresh: to add arms to an earlier benchmark on the same machine")
-    args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    preset = load_preset(args.study)
-    margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
-    ranks = [int(r) for r in args.rank.split(",")] if args.rank else [preset.search.parents]
-    if args.replay:
-        print_replays(args.replay, margins, ranks)
-        return
-
+def run_arms(args: argparse.Namespace, preset: StudyPreset, margins: list[float], ranks: list[int]) -> None:
+    """The run without pruning, then one pruned run per rank and margin, each compared with it in a table."""
     prefixes = tuple(float(f) for f in args.prefixes.split(",")) if args.prefixes else None
     preset = preset.replace(
         data__samples=args.samples, data__heldout_samples=0, search__n_trials=args.n_trials, search__seed=args.seed,
@@ -281,5 +257,41 @@ def main() -> None:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
+
+@command(interrupted="every finished trial is in its arm's study under --out, and the running one's parameters "
+                     "are queued to run first; run the same command with --reuse to continue")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="smollm2_16k", help="preset name or .toml path")
+    parser.add_argument("--samples", type=int, default=5, help="searched windows (pruning needs several)")
+    parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
+    parser.add_argument("--pruned-trials", type=int, help="finished trials per pruned run (default: --n-trials): "
+                        "pruned trials are cheap, so a pruned run may get more to reach the same best")
+    parser.add_argument("--seed", type=int, help="search seed (default: the preset's)")
+    parser.add_argument("--margin", help="pruning margin(s), comma-separated: one pruned run each "
+                                         "(default: the preset's)")
+    parser.add_argument("--prefixes", help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_pruning"), help="where the studies go")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--replay", type=Path, metavar="DB",
+                        help="replay this finished run without pruning (a benchmark's *-full.db) instead of running")
+    parser.add_argument("--rank", help="ranks a running value must stay within, comma-separated: one pruned run "
+                                       "(or replay) per rank and margin (default: the study's parent count)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="resume the runs already in --out (a finished one is read, not run again) instead "
+                             "of starting fresh: to add arms to an earlier benchmark on the same machine")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    preset = load_preset(args.study)
+    margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
+    ranks = [int(r) for r in args.rank.split(",")] if args.rank else [preset.search.parents]
+    if args.replay:
+        print_replays(args.replay, margins, ranks)
+        return 0
+
+    with StopSignals():  # SIGTERM (a scheduler, `kill`) stops the arms as Ctrl-C does
+        run_arms(args, preset, margins, ranks)
+    return 0
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dashboards.figures import convergence
 from dashboards.report import render_html
-from hpo.cli import add_dtype_argument, checked_dtype
+from hpo.cli import add_dtype_argument, checked_dtype, command
 from hpo.records import open_storage
 from hpo.study import Workload, load_workload, open_study, run_search, search_space_for
+from hpo.trials import StopSignals
 from studies import SAMPLERS, StudyPreset, load_preset
 
 
@@ -94,7 +96,9 @@ def spread(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def main(argv: list[str] | None = None) -> None:
+@command(interrupted="every finished trial is in its run's study under --out, and the running one's parameters "
+                     "are queued to run first; run the same command to continue")
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="tiny", help="preset name or .toml path")
     parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         base = base.replace(search__pruning=False)
     workload = load_workload(base)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = {(sampler, seed): run(base, workload, sampler, seed, args.out) for sampler in samplers for seed in seeds}
+    with StopSignals():  # SIGTERM (a scheduler, `kill`) stops the runs as Ctrl-C does
+        runs = {(sampler, seed): run(base, workload, sampler, seed, args.out) for sampler in samplers for seed in seeds}
 
     reference = samplers[0]
     pruning = "on" if base.search.pruning else "off"
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         figure = convergence([result.study for result in runs.values()])
         args.html.write_text(render_html({"convergence": figure}, f"Samplers on {base.name}"))
         print(f"\nconvergence figure: {args.html}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

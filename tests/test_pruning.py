@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from hpo import study as study_module
 from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
 from hpo.study import load_workload
@@ -166,12 +167,40 @@ def test_the_pruner_sees_trials_that_other_workers_completed_while_a_trial_ran()
     assert running.should_prune()
 
 
-def test_a_replay_prunes_what_a_live_run_prunes_until_a_parent_set_differs(tmp_path, monkeypatch):
+def load_benchmark(monkeypatch):
     spec = importlib.util.spec_from_file_location(
         "bench_pruning", Path(__file__).parents[1] / "benchmarks" / "pruning.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_pruning_benchmark_compares_its_arms_and_an_interrupted_one_continues_with_reuse(
+        tmp_path, monkeypatch, capsys):
+    bench = load_benchmark(monkeypatch)
+    args = ["--study", "tiny", "--samples", "2", "--n-trials", "6", "--margin", "0", "--out", str(tmp_path)]
+    measure = study_module.Workload.step_perplexity
+    calls = {"n": 0}
+
+    def interrupted(self, factors, step, desc="trial"):
+        calls["n"] += 1
+        if calls["n"] == 15:  # in the pruned arm, after the run without pruning (6 trials of 2 windows)
+            raise KeyboardInterrupt
+        return measure(self, factors, step, desc=desc)
+
+    monkeypatch.setattr(study_module.Workload, "step_perplexity", interrupted)
+    assert bench.main(args) == 130
+    assert "run the same command with --reuse to continue" in capsys.readouterr().err
+    monkeypatch.setattr(study_module.Workload, "step_perplexity", measure)
+    assert bench.main([*args, "--reuse"]) == 0
+    table = capsys.readouterr().out
+    # the run without pruning was read back, the pruned one continued to its budget
+    assert "6 trials (6 with pruning)" in table and "| trials complete / pruned | 6 / 0 |" in table
+
+
+def test_a_replay_prunes_what_a_live_run_prunes_until_a_parent_set_differs(tmp_path, monkeypatch):
+    bench = load_benchmark(monkeypatch)
     windows_only = PRESET.replace("pruning_prefixes = [0.5]\n", "")  # a run without pruning has no rungs
     (tmp_path / "full").mkdir()
     (tmp_path / "live").mkdir()

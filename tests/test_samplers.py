@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 from dashboards.report import main as report_main
+from hpo import study as study_module
 from hpo.curve_space import (
     MonotoneCurveSpace,
     cumulative_shares,
@@ -304,3 +305,23 @@ def test_the_sampler_benchmark_compares_over_seeds_and_replays_its_studies(tmp_p
     assert capsys.readouterr().out == first
     for name in ("tiny-longrope-seed0", "tiny-tpe-seed1"):
         assert len(optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials) == 8
+
+    # Ctrl-C in a longer budget's first new trial: one line, status 130, and the same command continues
+    measure = study_module.Workload.step_perplexity
+    calls = {"n": 0}
+
+    def interrupted(self, factors, step, desc="trial"):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return measure(self, factors, step, desc=desc)
+
+    monkeypatch.setattr(study_module.Workload, "step_perplexity", interrupted)
+    longer = [*args, "--n-trials", "9"]
+    assert bench.main(longer) == 130
+    assert "run the same command to continue" in capsys.readouterr().err
+    monkeypatch.setattr(study_module.Workload, "step_perplexity", measure)
+    assert bench.main(longer) == 0
+    for name in ("tiny-longrope-seed0", "tiny-tpe-seed1"):
+        trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials
+        assert sum(t.state == TrialState.COMPLETE for t in trials) == 9
