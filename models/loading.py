@@ -70,7 +70,7 @@ def pick_device(device: str = "auto") -> torch.device:
 def pick_dtype(dtype: str, device: torch.device, config: PretrainedConfig | None = None) -> torch.dtype:
     """``auto`` is bf16 on a GPU that computes it natively, else fp32; on a CPU, given the model's ``config``,
     it is the type measured to run that model's layer fastest (:func:`models.precision.fastest_cpu_dtype`),
-    and fp32 without a config (what :func:`load_model` loads a GGUF file or a hub model in before it measures)."""
+    and fp32 without a config (what :func:`load_model` loads a model in whose config did not read before it)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -326,14 +326,21 @@ def _load_any(name_or_path: str, local: Path, torch_dtype: torch.dtype,
     return _load_from_hub(name_or_path, torch_dtype, attn)
 
 
-def _directory_config(local: Path) -> PretrainedConfig | None:
-    """The config of a transformers model directory, read before its weights (a CPU's ``auto`` dtype needs the
-    shapes); None for anything else, or a config that does not read (loading then says why)."""
-    if not (local / "config.json").is_file():
-        return None
+def _config_before_weights(name_or_path: str, local: Path) -> PretrainedConfig | None:
+    """The model's config, read before its weights (a CPU's ``auto`` dtype needs the shapes, and loading once in
+    that type beats loading, measuring and loading again): a directory's ``config.json``, a GGUF file's metadata,
+    a hub model's config from the local cache or, when reachable, the hub. None when it does not read (loading
+    then says why) or there is nothing to read it from."""
     try:
-        return AutoConfig.from_pretrained(local)
-    except (OSError, ValueError):
+        if local.suffix == ".gguf":
+            return AutoConfig.from_pretrained(local.parent, gguf_file=local.name) if local.is_file() else None
+        if local.is_dir() or name_or_path.startswith(("/", "./", "../", "~")):
+            return AutoConfig.from_pretrained(local) if (local / "config.json").is_file() else None
+        try:
+            return AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        except OSError:
+            return AutoConfig.from_pretrained(name_or_path) if _hub_reachable() else None
+    except (OSError, ValueError, struct.error, EOFError):  # the GGUF reader's errors, as in _load_gguf
         return None
 
 
@@ -356,9 +363,10 @@ def load_model(
     local = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_MODELS:
         local = _embedded_model_dir(name_or_path)
-    torch_dtype = pick_dtype(dtype, target_device, _directory_config(local))
+    config = _config_before_weights(name_or_path, local) if dtype == "auto" else None
+    torch_dtype = pick_dtype(dtype, target_device, config)
     model, tokenizer = _load_any(name_or_path, local, torch_dtype, attn)
-    measured = pick_dtype(dtype, target_device, model.config)  # GGUF and the hub: the shapes are known only now
+    measured = pick_dtype(dtype, target_device, model.config)  # differs only where the config did not read first
     if measured != torch_dtype:  # load again rather than cast: a cast would round the fp32 RoPE inv_freq too
         del model
         torch_dtype = measured

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from models import assets, loading, precision
+from models.baselines import yarn
+from models.gguf_export import model_to_gguf
 from models.loading import ModelLoadError, load_model, pick_dtype
+from models.rope import RopeGeometry
 from objectives.data import load_windows
 from objectives.perplexity import perplexity
 
@@ -99,3 +102,15 @@ def test_load_model_auto_reads_a_directory_once(probe_timings, monkeypatch):
     monkeypatch.setattr(loading, "_load_pretrained", lambda *args: loads.append(args) or real(*args))
     model, _ = load_model("tiny-random-llama")
     assert model.dtype == torch.bfloat16 and len(loads) == 1
+
+
+def test_load_model_auto_reads_a_gguf_file_once(probe_timings, monkeypatch, tmp_path):
+    """A GGUF file's metadata gives the shapes before its weights are read, as a directory's config.json does."""
+    model, tokenizer = load_model("tiny-random-llama", dtype="float32")
+    geometry = RopeGeometry.from_config(model.config)
+    path = model_to_gguf(model, tokenizer, tmp_path / "tiny.gguf", yarn(geometry, 2 * geometry.original_length))
+    loads = []
+    real = loading._load_gguf
+    monkeypatch.setattr(loading, "_load_gguf", lambda *args: loads.append(args) or real(*args))
+    gguf_model, _ = load_model(str(path))
+    assert gguf_model.dtype == torch.bfloat16 and len(loads) == 1
