@@ -366,11 +366,12 @@ def load_model(
     config = _config_before_weights(name_or_path, local) if dtype == "auto" else None
     torch_dtype = pick_dtype(dtype, target_device, config)
     model, tokenizer = _load_any(name_or_path, local, torch_dtype, attn)
-    measured = pick_dtype(dtype, target_device, model.config)  # differs only where the config did not read first
-    if measured != torch_dtype:  # load again rather than cast: a cast would round the fp32 RoPE inv_freq too
-        del model
-        torch_dtype = measured
-        model, tokenizer = _load_any(name_or_path, local, torch_dtype, attn)
+    if dtype == "auto" and config is None:  # the shapes are known only now: measure, and load again if it differs
+        measured = pick_dtype(dtype, target_device, model.config)
+        if measured != torch_dtype:  # rather than cast: a cast would round the fp32 RoPE inv_freq too
+            del model
+            torch_dtype = measured
+            model, tokenizer = _load_any(name_or_path, local, torch_dtype, attn)
     _use_full_attention(model, name_or_path)
     model.to(target_device)
     model.eval()

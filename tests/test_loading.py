@@ -114,3 +114,12 @@ def test_load_model_auto_reads_a_gguf_file_once(probe_timings, monkeypatch, tmp_
     monkeypatch.setattr(loading, "_load_gguf", lambda *args: loads.append(args) or real(*args))
     gguf_model, _ = load_model(str(path))
     assert gguf_model.dtype == torch.bfloat16 and len(loads) == 1
+
+
+def test_load_model_auto_measures_after_loading_when_the_config_does_not_read_first(probe_timings, monkeypatch):
+    loads = []
+    real = loading._load_pretrained
+    monkeypatch.setattr(loading, "_load_pretrained", lambda *args: loads.append(args) or real(*args))
+    monkeypatch.setattr(loading, "_config_before_weights", lambda name_or_path, local: None)
+    model, _ = load_model("tiny-random-llama")  # loaded in fp32, measured, loaded again in bf16
+    assert model.dtype == torch.bfloat16 and [args[1] for args in loads] == [torch.float32, torch.bfloat16]
