@@ -3,13 +3,19 @@
     python benchmarks/samplers.py --study tiny --n-trials 16 --seeds 0,1,2   # a random model: the mechanics only
     python benchmarks/samplers.py --study smollm2_16k --n-trials 40 --seeds 0,1,2 --samplers longrope,tpe,gp,hybrid \
         --html runs/bench_samplers/convergence.html
+    python benchmarks/samplers.py --study smollm2_16k --n-trials 40 --seeds 0,1,2 --samplers longrope,tpe,hybrid \
+        --unpruned-reference --prefixes 0.25   # every sampler with pruning against the plain evolutionary search
 
 Runs the study once per sampler and seed with the same windows and budget of finished trials (pruning
 as the preset says; ``--no-pruning`` turns it off), each in its own SQLite file under ``--out``: running
 it again continues those studies, so a finished one costs nothing (a replay) and an interrupted one
 resumes. Every study opens with the same baselines, projected into its space.
 
-The reference is the first sampler of ``--samplers`` (``longrope``: the evolutionary search). For each
+The reference is the first sampler of ``--samplers`` (``longrope``: the evolutionary search). With
+``--unpruned-reference`` it is that sampler *without* pruning, run besides every sampler of the list with
+the preset's pruning (strict: rank 1, margin 0, and ``--prefixes`` as rungs when given), which asks
+whether a search that stops trials early reaches the plain search's best for fewer full-length
+evaluations (the reference's study is ``STUDY-SAMPLER-seedN-unpruned``). For each
 sampler and seed the table gives the best searched perplexity, and the full-length window evaluations
 (one searched window measured at the target length; prefix rungs not counted) and trial seconds spent
 until the first complete trial at or below the reference's best at that seed, as a share of what the
@@ -47,6 +53,7 @@ class Run:
     preset: StudyPreset
     study: optuna.Study
     full_steps: set[int]  # the intermediate-value steps that close a full searched window
+    unpruned: bool = False  # the reference without pruning of --unpruned-reference
 
     @property
     def trials(self) -> list[FrozenTrial]:
@@ -55,6 +62,11 @@ class Run:
     @property
     def best(self) -> float:
         return self.study.best_value
+
+    @property
+    def label(self) -> str:
+        """The sampler's name, marked when this is the reference without pruning."""
+        return f"{self.sampler} (no pruning)" if self.unpruned else self.sampler
 
     def heldout(self, workload: Workload) -> float:
         """The best trial's perplexity on the held-out windows (stored in the study once measured)."""
@@ -78,15 +90,19 @@ class Run:
         return (evaluations, seconds) if until is None else None
 
 
-def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Path) -> Run:
-    """The study of ``sampler`` at ``seed`` in ``out``, run (or continued) to the preset's budget."""
-    preset = base.replace(name=f"{base.name}-{sampler}-seed{seed}", search__sampler=sampler, search__seed=seed)
+def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Path, unpruned: bool = False) -> Run:
+    """The study of ``sampler`` at ``seed`` in ``out``, run (or continued) to the preset's budget; with
+    ``unpruned``, without pruning, in a study of its own."""
+    name = f"{base.name}-{sampler}-seed{seed}" + ("-unpruned" if unpruned else "")
+    preset = base.replace(name=name, search__sampler=sampler, search__seed=seed)
+    if unpruned:
+        preset = preset.replace(search__pruning=False)
     storage = open_storage(f"sqlite:///{(out / f'{preset.name}.db').resolve()}")
     space = search_space_for(preset, workload)
     study = open_study(preset, storage, space, workload)
     run_search(study, storage, workload, space, preset, progress=False)
     full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
-    return Run(sampler, seed, preset, study, full_steps)
+    return Run(sampler, seed, preset, study, full_steps, unpruned)
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -106,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated, the reference first; among " + ", ".join(SAMPLERS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, one run per sampler and seed")
     parser.add_argument("--no-pruning", action="store_true", help="measure every trial on every window")
+    parser.add_argument("--unpruned-reference", action="store_true",
+                        help="the reference is the first sampler without pruning; every sampler then runs with "
+                             "strict pruning (rank 1, margin 0) against it")
+    parser.add_argument("--prefixes", help="with pruning: prefix rungs as fractions of a window, e.g. 0.25")
     add_dtype_argument(parser, None, "override the preset's [model] dtype; a study continues only in the dtype it "
                        "began in, so give it when the runs move to a machine where auto picks another")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_samplers"))
@@ -115,44 +135,59 @@ def main(argv: list[str] | None = None) -> int:
     samplers = args.samplers.split(",")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     base = load_preset(args.study).replace(search__n_trials=args.n_trials, model__dtype=checked_dtype(args.dtype))
+    if args.no_pruning and args.unpruned_reference:
+        parser.error("--no-pruning and --unpruned-reference exclude each other")
     if args.no_pruning:
         base = base.replace(search__pruning=False)
+    if args.unpruned_reference:
+        base = base.replace(search__pruning=True, search__pruning_rank=1, search__pruning_margin=0.0)
+    if args.prefixes:
+        base = base.replace(search__pruning_prefixes=tuple(float(f) for f in args.prefixes.split(",")))
     workload = load_workload(base)
     args.out.mkdir(parents=True, exist_ok=True)
     with StopSignals():  # SIGTERM (a scheduler, `kill`) stops the runs as Ctrl-C does
+        if args.unpruned_reference:
+            references = {seed: run(base, workload, samplers[0], seed, args.out, unpruned=True) for seed in seeds}
         runs = {(sampler, seed): run(base, workload, sampler, seed, args.out) for sampler in samplers for seed in seeds}
-
-    reference = samplers[0]
-    pruning = "on" if base.search.pruning else "off"
+    if not args.unpruned_reference:
+        references = {seed: runs[samplers[0], seed] for seed in seeds}
+    reference = references[seeds[0]].label
+    labels = ([reference] if args.unpruned_reference else []) + samplers
+    pruning = (f"rank {base.search.pruning_rank}, margin {base.search.pruning_margin:g}, prefix rungs "
+               f"{list(base.search.pruning_prefixes)}" if base.search.pruning else "off")
     print(f"{base.name}: {base.search.n_trials} finished trials per run, pruning {pruning}, reference {reference}; "
           "cost = full-length window evaluations / trial seconds until the reference's best at that seed, as a "
           "share of the reference's whole run\n")
     print("| sampler | seed | best | held-out | best trial | evaluations to the reference's best | share "
           "| seconds share |")
     print("|---|---|---|---|---|---|---|---|")
-    shares: dict[str, list[float]] = {sampler: [] for sampler in samplers}
-    for (sampler, seed), result in runs.items():
-        target = runs[reference, seed]
+    shares: dict[str, list[float]] = {label: [] for label in labels}
+    every_run = ([*references.values()] if args.unpruned_reference else []) + [*runs.values()]
+    for result in every_run:
+        seed = result.seed
+        target = references[seed]
         total_evaluations, total_seconds = target.spent()
         reached = result.spent(until=target.best)
         if reached:
             evaluations, seconds = reached
-            shares[sampler].append(evaluations / total_evaluations)
+            shares[result.label].append(evaluations / total_evaluations)
             cost = f"{evaluations} | {evaluations / total_evaluations:.2f} | {seconds / total_seconds:.2f}"
         else:
             cost = "- | - | -"
         heldout = f"{result.heldout(workload):.4f}" if workload.heldout_windows else "-"
-        print(f"| {sampler} | {seed} | {result.best:.4f} | {heldout} | {result.study.best_trial.number} | {cost} |")
+        print(f"| {result.label} | {seed} | {result.best:.4f} | {heldout} | {result.study.best_trial.number} "
+              f"| {cost} |")
     print("\n| sampler | best, mean (min-max) | held-out, mean (min-max) | share of the reference's evaluations "
           "to reach its best | reached |")
     print("|---|---|---|---|---|")
-    for sampler in samplers:
-        bests = [runs[sampler, seed].best for seed in seeds]
-        heldouts = [runs[sampler, seed].heldout(workload) for seed in seeds] if workload.heldout_windows else []
-        print(f"| {sampler} | {spread(bests, 4)} | {spread(heldouts, 4)} | {spread(shares[sampler], 2)} "
-              f"| {len(shares[sampler])}/{len(seeds)} |")
+    for label in labels:
+        of_label = [result for result in every_run if result.label == label]
+        bests = [result.best for result in of_label]
+        heldouts = [result.heldout(workload) for result in of_label] if workload.heldout_windows else []
+        print(f"| {label} | {spread(bests, 4)} | {spread(heldouts, 4)} | {spread(shares[label], 2)} "
+              f"| {len(shares[label])}/{len(seeds)} |")
     if args.html:
-        figure = convergence([result.study for result in runs.values()])
+        figure = convergence([result.study for result in every_run])
         args.html.write_text(render_html({"convergence": figure}, f"Samplers on {base.name}"))
         print(f"\nconvergence figure: {args.html}")
     return 0

@@ -285,12 +285,17 @@ def test_hybrid_refuses_longrope2_and_a_curve_space_of_another_window() -> None:
                       CURVE_SAMPLERS["tpe"])
 
 
-def test_the_sampler_benchmark_compares_over_seeds_and_replays_its_studies(tmp_path, monkeypatch, capsys) -> None:
+def load_sampler_benchmark(monkeypatch):
     spec = importlib.util.spec_from_file_location(
         "bench_samplers", Path(__file__).parents[1] / "benchmarks" / "samplers.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks its module up
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_sampler_benchmark_compares_over_seeds_and_replays_its_studies(tmp_path, monkeypatch, capsys) -> None:
+    bench = load_sampler_benchmark(monkeypatch)
     args = ["--study", "tiny", "--n-trials", "8", "--samplers", "longrope,tpe", "--seeds", "0,1",
             "--out", str(tmp_path), "--html", str(tmp_path / "convergence.html")]
     bench.main(args)
@@ -325,3 +330,20 @@ def test_the_sampler_benchmark_compares_over_seeds_and_replays_its_studies(tmp_p
     for name in ("tiny-longrope-seed0", "tiny-tpe-seed1"):
         trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials
         assert sum(t.state == TrialState.COMPLETE for t in trials) == 9
+
+
+def test_the_sampler_benchmark_measures_pruned_samplers_against_the_plain_search(tmp_path, monkeypatch, capsys):
+    bench = load_sampler_benchmark(monkeypatch)
+    assert bench.main(["--study", "tiny", "--n-trials", "10", "--samplers", "longrope,tpe", "--seeds", "0",
+                       "--unpruned-reference", "--prefixes", "0.5", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pruning rank 1, margin 0, prefix rungs [0.5], reference longrope (no pruning)" in out
+    rows = [line for line in out.splitlines() if line.startswith("| longrope") or line.startswith("| tpe")]
+    assert [row.split(" | ")[0] for row in rows] == ["| longrope (no pruning)", "| longrope", "| tpe"] * 2
+    assert 0 < float(rows[0].split(" | ")[6]) <= 1  # the reference reaches its own best within its run
+    states = {}
+    for name in ("tiny-longrope-seed0-unpruned", "tiny-longrope-seed0", "tiny-tpe-seed0"):
+        trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials
+        states[name] = {t.state for t in trials}
+    assert TrialState.PRUNED not in states["tiny-longrope-seed0-unpruned"]
+    assert TrialState.PRUNED in states["tiny-longrope-seed0"] | states["tiny-tpe-seed0"]
