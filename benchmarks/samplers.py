@@ -146,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     workload = load_workload(base)
     args.out.mkdir(parents=True, exist_ok=True)
     with StopSignals():  # SIGTERM (a scheduler, `kill`) stops the runs as Ctrl-C does
-        if args.unpruned_reference:
-            references = {seed: run(base, workload, samplers[0], seed, args.out, unpruned=True) for seed in seeds}
+        unpruned = {seed: run(base, workload, samplers[0], seed, args.out, unpruned=True)
+                    for seed in seeds} if args.unpruned_reference else {}
         runs = {(sampler, seed): run(base, workload, sampler, seed, args.out) for sampler in samplers for seed in seeds}
-    if not args.unpruned_reference:
-        references = {seed: runs[samplers[0], seed] for seed in seeds}
-    reference = references[seeds[0]].label
-    labels = ([reference] if args.unpruned_reference else []) + samplers
+    references = unpruned or {seed: runs[samplers[0], seed] for seed in seeds}
+    every_run = [*unpruned.values(), *runs.values()]
+    labels = list(dict.fromkeys(result.label for result in every_run))  # the reference first
+    reference = labels[0]
     pruning = (f"rank {base.search.pruning_rank}, margin {base.search.pruning_margin:g}, prefix rungs "
                f"{list(base.search.pruning_prefixes)}" if base.search.pruning else "off")
     print(f"{base.name}: {base.search.n_trials} finished trials per run, pruning {pruning}, reference {reference}; "
@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
           "| seconds share |")
     print("|---|---|---|---|---|---|---|---|")
     shares: dict[str, list[float]] = {label: [] for label in labels}
-    every_run = ([*references.values()] if args.unpruned_reference else []) + [*runs.values()]
     for result in every_run:
         seed = result.seed
         target = references[seed]
