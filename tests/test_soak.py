@@ -189,9 +189,14 @@ def test_kill_and_resume_soak_loses_no_trial(tmp_path, out_dir):
         # outputs written). Exit 0: the launch finished the study before its signal came (only possible at the
         # finish), or Python dropped the signal and it went on; a SIGINT in start-up, before `main` holds the
         # signals, was also seen swallowed silently by an import (once in CI): a known gap, not a lost trial.
+        # Python ends on an uncaught KeyboardInterrupt by SIGINT (-2), but with status 1 when it lands inside
+        # some imports (scipy's, sqlalchemy's: 5 of 15 start-up SIGINTs here, after torch has loaded), its
+        # traceback then being the only output: Python's default too, and nothing had started.
         allowed = {-signum} if signum == signal.SIGKILL else {130}
         if phase in ("startup", "finish"):
             allowed.add(-signum)
+        if phase == "startup" and signum == signal.SIGINT and stderr.rstrip().endswith("\nKeyboardInterrupt"):
+            allowed.add(1)
         if phase == "finish" or dropped or (phase == "startup" and signum != signal.SIGKILL):
             allowed.add(0)
         # The soak goes on after an unclean exit, so that the storage is still checked after it.
