@@ -158,6 +158,7 @@ def open_storage(url: str) -> RDBStorage:
                     engine_kwargs={"pool_pre_ping": True},
                 )
             _check_integrity(storage, url)
+            storage.engine.pool.logger.addFilter(_cut_short_query_noise)
             return storage
         except SCHEMA_RACE_ERRORS as error:
             # Workers started together on a fresh database race to create Optuna's tables; the losers get a
@@ -175,6 +176,21 @@ def open_storage(url: str) -> RDBStorage:
             raise
         except Exception as error:  # sqlalchemy raises many types for bad URLs and unreachable servers
             raise StorageError(_storage_message(url, error)) from None
+
+
+def _cut_short_query_noise(record: logging.LogRecord) -> bool:
+    """False for the pool's log of a failure while cleaning up a query that Ctrl-C or SIGTERM cut short.
+
+    sqlalchemy closes the connection of a query interrupted by a ``KeyboardInterrupt`` and then fails to
+    close its cursor ("Error closing cursor", with two tracebacks): noise beside the one line the run
+    prints for the interruption. Any other error of the pool is kept.
+    """
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return False
+        error = error.__context__
+    return True
 
 
 def _check_integrity(storage: RDBStorage, url: str) -> None:
