@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from hpo.cli import add_dtype_argument, checked_dtype, command, configure_logging, positive
 from hpo.records import EVALUATION_FILE, RULER_PREFIX, EvaluationRow, study_dir, study_factors, write_results
-from models.baselines import BASELINES, baseline
+from models.baselines import BASELINES, HAND_MADE_NAMES, baseline, is_baseline
 from models.loading import DEFAULT_MODEL, load_model
 from models.patch import patched
 from models.rope import RopeFactors, RopeGeometry
@@ -209,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"short name, hub id, local model directory or .gguf file "
                              f"(default: the study's model, else {DEFAULT_MODEL})")
     parser.add_argument("--methods", default="none,pi,ntk,yarn",
-                        help=f"comma-separated baselines among {', '.join(BASELINES)}, or {CONFIG_METHOD} "
-                             "(the model's own RoPE, e.g. an exported longrope model's short/long switch); "
-                             "may be empty")
+                        help=f"comma-separated baselines among {', '.join(BASELINES)}; a hand-made curve "
+                             "as hpo.run's comparison names it, 'ntk+attn (s=SCALE)' (NTK built for another "
+                             "scale, with LongRoPE's attention scaling) or 'yarn (BETA_FAST/BETA_SLOW)'; or "
+                             f"{CONFIG_METHOD} (the model's own RoPE, e.g. an exported longrope model's short/long "
+                             "switch); may be empty")
     parser.add_argument("--factors", action="append", default=[], metavar="FILE",
                         help="a factor file (JSON) to evaluate as one more method; repeatable")
     parser.add_argument("--study", default=None, metavar="NAME",
@@ -254,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _names(text: str, known: Collection[str], what: str) -> list[str]:
+def _names(text: str, is_known: Callable[[str], bool], choices: Collection[str], what: str) -> list[str]:
+    """The comma-separated names of ``text``; one that ``is_known`` refuses is an error that lists ``choices``."""
     names = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if not is_known(name)]
     if unknown:
-        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(choices)}")
     return names
 
 
@@ -267,8 +270,9 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
 
     ``args.model`` is set to the model actually loaded, so callers can record it.
     """
-    methods = _names(args.methods, [*BASELINES, CONFIG_METHOD], "method")
-    tasks = _names(args.tasks, TASKS, "task")
+    methods = _names(args.methods, lambda name: name == CONFIG_METHOD or is_baseline(name),
+                     [*BASELINES, *HAND_MADE_NAMES, CONFIG_METHOD], "method")
+    tasks = _names(args.tasks, TASKS.__contains__, TASKS, "task")
     if not tasks:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
     found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)

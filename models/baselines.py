@@ -9,6 +9,7 @@ and usable as a seed for the search.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 from models.rope import RopeFactors, RopeGeometry
@@ -187,6 +188,12 @@ NTK_SCALE_MULTIPLIERS = (1.0, 1.25, 1.5, 2.0)
 YARN_BETAS = ((32.0, 1.0), (16.0, 1.0), (64.0, 2.0), (128.0, 2.0))
 
 
+# A hand-made family's member by the name the comparison tables give it.
+_NTK_MEMBER = re.compile(r"ntk\+attn \(s=(\d+(?:\.\d+)?)\)")
+_YARN_MEMBER = re.compile(r"yarn \((\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)\)")
+HAND_MADE_NAMES = ("ntk+attn (s=SCALE)", "yarn (BETA_FAST/BETA_SLOW)")
+
+
 def hand_made_curves(geometry: RopeGeometry, target_length: int, beta_fast: float = 32.0,
                      beta_slow: float = 1.0) -> dict[str, dict[str, RopeFactors]]:
     """The one-parameter families a user tunes by hand, by family name then curve name.
@@ -194,23 +201,33 @@ def hand_made_curves(geometry: RopeGeometry, target_length: int, beta_fast: floa
     ``"ntk+attn"``: NTK-aware curves built for ``s`` times each of :data:`NTK_SCALE_MULTIPLIERS`, with
     LongRoPE's attention scaling (the first is the ``ntk+attn`` baseline). ``"yarn"``: YaRN with the
     given betas (the first, named ``yarn`` as the baseline) and each other pair of :data:`YARN_BETAS`.
-    A family's tuned curve is its member with the lowest perplexity on the searched windows.
+    A family's tuned curve is its member with the lowest perplexity on the searched windows; every
+    member's name is also a :func:`baseline` name (``"ntk+attn (s=5)"``, ``"yarn (64/2)"``).
     """
     scale = length_scale(geometry, target_length)
-    scaling = longrope_attention_scaling(scale, geometry.original_length)
-    ntk_family = {"ntk+attn" if multiplier == 1.0 else f"ntk+attn (s={multiplier * scale:g})":
-                  ntk_aware(geometry, target_length, attention_scaling=scaling, effective_scale=multiplier * scale)
-                  for multiplier in NTK_SCALE_MULTIPLIERS}
-    betas = dict.fromkeys([(float(beta_fast), float(beta_slow)), *YARN_BETAS])
-    yarn_family = {"yarn" if index == 0 else f"yarn ({fast:g}/{slow:g})": yarn(geometry, target_length, fast, slow)
-                   for index, (fast, slow) in enumerate(betas)}
-    return {"ntk+attn": ntk_family, "yarn": yarn_family}
+    ntk_names = ["ntk+attn" if multiplier == 1.0 else f"ntk+attn (s={multiplier * scale:g})"
+                 for multiplier in NTK_SCALE_MULTIPLIERS]
+    other_betas = [betas for betas in YARN_BETAS if betas != (beta_fast, beta_slow)]
+    yarn_names = [f"yarn ({fast:g}/{slow:g})" for fast, slow in other_betas]
+    return {"ntk+attn": {name: baseline(name, geometry, target_length) for name in ntk_names},
+            "yarn": {"yarn": yarn(geometry, target_length, beta_fast, beta_slow)}
+            | {name: baseline(name, geometry, target_length) for name in yarn_names}}
+
+
+def is_baseline(name: str) -> bool:
+    """Whether :func:`baseline` knows ``name``."""
+    return name in BASELINES or bool(_NTK_MEMBER.fullmatch(name) or _YARN_MEMBER.fullmatch(name))
 
 
 def baseline(name: str, geometry: RopeGeometry, target_length: int) -> RopeFactors:
-    """The named baseline with its default options."""
-    try:
-        make = BASELINES[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(BASELINES)}") from None
-    return make(geometry, target_length)
+    """The named baseline with its default options, or a member of a hand-made family by its name
+    (:func:`hand_made_curves`): ``"ntk+attn (s=5)"`` is NTK-aware built for an effective scale of 5 with
+    LongRoPE's attention scaling, ``"yarn (64/2)"`` YaRN with ``beta_fast`` 64 and ``beta_slow`` 2."""
+    if name in BASELINES:
+        return BASELINES[name](geometry, target_length)
+    if ntk := _NTK_MEMBER.fullmatch(name):
+        scaling = longrope_attention_scaling(length_scale(geometry, target_length), geometry.original_length)
+        return ntk_aware(geometry, target_length, attention_scaling=scaling, effective_scale=float(ntk[1]))
+    if yarn_betas := _YARN_MEMBER.fullmatch(name):
+        return yarn(geometry, target_length, float(yarn_betas[1]), float(yarn_betas[2]))
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join([*BASELINES, *HAND_MADE_NAMES])}")

@@ -14,6 +14,7 @@ from models.baselines import (
     baseline,
     critical_dimension,
     hand_made_curves,
+    is_baseline,
     linear_interpolation,
     longrope2_initial,
     longrope_attention_scaling,
@@ -128,3 +129,14 @@ def test_hand_made_families_start_with_the_named_baselines():
     assert [f.rescale_factors[-1] for f in ntk_family.values()] == pytest.approx([4 * m for m in NTK_SCALE_MULTIPLIERS])
     assert yarn_family["yarn"] == yarn(SMOLLM2, 32768, 64.0, 2.0)  # the preset's betas first, never twice
     assert len(yarn_family) == 4 and "yarn (32/1)" in yarn_family and "yarn (64/2)" not in yarn_family
+
+
+def test_every_hand_made_curve_is_a_baseline_by_its_table_name():
+    """`hpo.evaluate --methods "ntk+attn (s=5)"` evaluates the row hpo.run's comparison names so."""
+    for family in hand_made_curves(SMOLLM2, 32768).values():
+        for name, factors in family.items():
+            assert is_baseline(name) and baseline(name, SMOLLM2, 32768) == factors
+    assert baseline("ntk+attn (s=6.5)", SMOLLM2, 32768).rescale_factors[-1] == pytest.approx(6.5)
+    assert not is_baseline("ntk+attn (s=)") and not is_baseline("yarn (64)")
+    with pytest.raises(ValueError, match=r"ntk\+attn \(s=SCALE\)"):
+        baseline("yarn (64)", SMOLLM2, 32768)

@@ -38,6 +38,15 @@ def test_table_and_json_with_a_factor_file(tmp_path):
     assert rows["pi"]["perplexity"] != pytest.approx(rows["none"]["perplexity"], rel=1e-6)
 
 
+def test_a_hand_made_curve_by_its_table_name():
+    result = evaluate(*SHORT, "--methods", "yarn,yarn (32/1),ntk+attn (s=3)", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    perplexities = {line.split("|")[0].strip(): line.split("|")[1].split()[0]
+                    for line in result.stdout.splitlines() if "|" in line}
+    assert {"yarn", "yarn (32/1)", "ntk+attn (s=3)"} <= set(perplexities)
+    assert perplexities["yarn"] == perplexities["yarn (32/1)"]  # the default betas are 32/1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
