@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from hpo.cli import comma_separated
 from hpo.evaluate import TaskInputs, evaluate, format_table
 from models.loading import DEFAULT_MODEL, load_model
 from models.rope import RopeGeometry
@@ -45,7 +46,7 @@ def throughput(model_name: str, length: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--lengths", default="8192,16384")
+    parser.add_argument("--lengths", type=comma_separated(int), default=(8192, 16384))
     parser.add_argument("--methods", default="none,pi,ntk,yarn")
     parser.add_argument("--throughput-length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
@@ -57,7 +58,7 @@ def main() -> None:
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype="float32")
     rows = evaluate(model, tokenizer, RopeGeometry.from_config(model.config), args.methods.split(","), [], ["ppl"],
-                    [int(length) for length in args.lengths.split(",")], TaskInputs(progress=False))
+                    list(args.lengths), TaskInputs(progress=False))
     print("\n## Perplexity on the essays (first window, fp32)\n")
     print(format_table(rows))
 

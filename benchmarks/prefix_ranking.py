@@ -22,6 +22,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from hpo.cli import comma_separated
 from hpo.pruning import FidelityStep
 from hpo.study import load_workload, search_space_for
 from studies import load_preset
@@ -39,7 +40,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("database", type=Path, help="a finished run without pruning (SQLite)")
-    parser.add_argument("--prefixes", default="0.25,0.5", help="prefix rungs as fractions of a window")
+    parser.add_argument("--prefixes", type=comma_separated(float), default=(0.25, 0.5),
+                        help="prefix rungs as fractions of a window")
     parser.add_argument("--best", type=int, default=4, help="how many of the best trials to follow")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -58,7 +60,7 @@ def main() -> None:
 
     rungs: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for fraction in (float(f) for f in args.prefixes.split(",")):
+    for fraction in args.prefixes:
         name, tokens = f"window 0, first {fraction:g}", round(window_tokens * fraction)
         step = FidelityStep(0, tokens, tokens, True)
         start = time.perf_counter()

@@ -39,7 +39,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.cli import command
+from hpo.cli import comma_separated, command
 from hpo.pruning import ParentPruner
 from hpo.records import open_storage
 from hpo.sampler import LongRoPESampler
@@ -224,10 +224,9 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
 
 def run_arms(args: argparse.Namespace, preset: StudyPreset, margins: list[float], ranks: list[int]) -> None:
     """The run without pruning, then one pruned run per rank and margin, each compared with it in a table."""
-    prefixes = tuple(float(f) for f in args.prefixes.split(",")) if args.prefixes else None
     preset = preset.replace(
         data__samples=args.samples, data__heldout_samples=0, search__n_trials=args.n_trials, search__seed=args.seed,
-        search__pruning_prefixes=prefixes)
+        search__pruning_prefixes=args.prefixes)
     args.out.mkdir(parents=True, exist_ok=True)
     workload = load_workload(preset)
     full = run_arm(preset.replace(search__pruning=False), workload, args.out, args.reuse)
@@ -268,23 +267,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pruned-trials", type=int, help="finished trials per pruned run (default: --n-trials): "
                         "pruned trials are cheap, so a pruned run may get more to reach the same best")
     parser.add_argument("--seed", type=int, help="search seed (default: the preset's)")
-    parser.add_argument("--margin", help="pruning margin(s), comma-separated: one pruned run each "
-                                         "(default: the preset's)")
-    parser.add_argument("--prefixes", help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
+    parser.add_argument("--margin", type=comma_separated(float),
+                        help="pruning margin(s), comma-separated: one pruned run each (default: the preset's)")
+    parser.add_argument("--prefixes", type=comma_separated(float),
+                        help="prefix rungs as fractions of a window, e.g. 0.5 (default: none)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_pruning"), help="where the studies go")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--replay", type=Path, metavar="DB",
                         help="replay this finished run without pruning (a benchmark's *-full.db) instead of running")
-    parser.add_argument("--rank", help="ranks a running value must stay within, comma-separated: one pruned run "
-                                       "(or replay) per rank and margin (default: the study's parent count)")
+    parser.add_argument("--rank", type=comma_separated(int),
+                        help="ranks a running value must stay within, comma-separated: one pruned run (or replay) "
+                             "per rank and margin (default: the study's parent count)")
     parser.add_argument("--reuse", action="store_true",
                         help="resume the runs already in --out (a finished one is read, not run again) instead "
                              "of starting fresh: to add arms to an earlier benchmark on the same machine")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     preset = load_preset(args.study)
-    margins = [float(m) for m in args.margin.split(",")] if args.margin else [preset.search.pruning_margin]
-    ranks = [int(r) for r in args.rank.split(",")] if args.rank else [preset.search.parents]
+    margins = list(args.margin or [preset.search.pruning_margin])
+    ranks = list(args.rank or [preset.search.parents])
     if args.replay:
         print_replays(args.replay, margins, ranks)
         return 0

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dashboards.figures import convergence
 from dashboards.report import render_html
-from hpo.cli import add_dtype_argument, checked_dtype, command
+from hpo.cli import add_dtype_argument, checked_dtype, comma_separated, command
 from hpo.records import open_storage
 from hpo.study import Workload, load_workload, open_study, run_search, search_space_for
 from hpo.trials import StopSignals
@@ -120,20 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-trials", type=int, help="finished trials per run (default: the preset's)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS),
                         help="comma-separated, the reference first; among " + ", ".join(SAMPLERS))
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, one run per sampler and seed")
+    parser.add_argument("--seeds", type=comma_separated(int), default=(0,),
+                        help="comma-separated seeds, one run per sampler and seed")
     parser.add_argument("--no-pruning", action="store_true", help="measure every trial on every window")
     parser.add_argument("--unpruned-reference", action="store_true",
                         help="the reference is the first sampler without pruning; every sampler then runs with "
                              "strict pruning (rank 1, margin 0) against it")
-    parser.add_argument("--prefixes", help="with pruning: prefix rungs as fractions of a window, e.g. 0.25")
+    parser.add_argument("--prefixes", type=comma_separated(float),
+                        help="with pruning: prefix rungs as fractions of a window, e.g. 0.25")
     add_dtype_argument(parser, None, "override the preset's [model] dtype; a study continues only in the dtype it "
                        "began in, so give it when the runs move to a machine where auto picks another")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_samplers"))
     parser.add_argument("--html", type=Path, help="write the convergence figure of every run here")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = args.samplers.split(",")
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    samplers, seeds = args.samplers.split(","), args.seeds
     base = load_preset(args.study).replace(search__n_trials=args.n_trials, model__dtype=checked_dtype(args.dtype))
     if args.no_pruning and args.unpruned_reference:
         parser.error("--no-pruning and --unpruned-reference exclude each other")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.unpruned_reference:
         base = base.replace(search__pruning=True, search__pruning_rank=1, search__pruning_margin=0.0)
     if args.prefixes:
-        base = base.replace(search__pruning_prefixes=tuple(float(f) for f in args.prefixes.split(",")))
+        base = base.replace(search__pruning_prefixes=args.prefixes)
     workload = load_workload(base)
     args.out.mkdir(parents=True, exist_ok=True)
     with StopSignals():  # SIGTERM (a scheduler, `kill`) stops the runs as Ctrl-C does

@@ -56,6 +56,18 @@ def positive(kind: type, allow_zero: bool = False):
     return parse
 
 
+def comma_separated(kind: type):
+    """An argparse type: comma-separated values of ``kind`` (``"0.25,0.5"``), as a tuple."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
+
+
 # What a user can fix (a wrong name or value, a model or a cluster that cannot be reached, a text too short,
 # a factor file of the wrong length, a broken storage URL): one line and exit status 2, not a traceback.
 # The errors of a bad input (PresetError, StudyError, ResultsError, FactorError, DataError, RulerError,

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from hpo.cli import add_dtype_argument, checked_dtype, command, configure_logging, positive
+from hpo.cli import add_dtype_argument, checked_dtype, comma_separated, command, configure_logging, positive
 from hpo.records import EVALUATION_FILE, RULER_PREFIX, EvaluationRow, study_dir, study_factors, write_results
 from models.baselines import BASELINES, HAND_MADE_NAMES, baseline, is_baseline
 from models.loading import DEFAULT_MODEL, load_model
@@ -191,13 +191,6 @@ def evaluate(model, tokenizer, geometry: RopeGeometry, methods: list[str], facto
 # The command line.
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hpo.evaluate",
@@ -224,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default="ppl",
                         help="comma-separated tasks among ppl, passkey, needle-ppl, ruler (RULER's synthetic tasks: "
                              f"{', '.join(SYNTHETIC_TASKS)}) and ruler:TASK for any of {', '.join(RULER_TASKS)}")
-    parser.add_argument("--lengths", type=_int_list, default=None,
+    parser.add_argument("--lengths", type=comma_separated(int), default=None,
                         help="lengths in tokens (default: the study's original and target lengths, "
                              f"else {','.join(map(str, DEFAULT_LENGTHS))})")
     parser.add_argument("--samples", "--limit", type=positive(int), default=1,
