@@ -202,16 +202,22 @@ def hand_made_curves(geometry: RopeGeometry, target_length: int, beta_fast: floa
     LongRoPE's attention scaling (the first is the ``ntk+attn`` baseline). ``"yarn"``: YaRN with the
     given betas (the first, named ``yarn`` as the baseline) and each other pair of :data:`YARN_BETAS`.
     A family's tuned curve is its member with the lowest perplexity on the searched windows; every
-    member's name is also a :func:`baseline` name (``"ntk+attn (s=5)"``, ``"yarn (64/2)"``).
+    member's name is also a :func:`baseline` name for it, to the digits the name shows (``"ntk+attn (s=5)"``).
     """
     scale = length_scale(geometry, target_length)
-    ntk_names = ["ntk+attn" if multiplier == 1.0 else f"ntk+attn (s={multiplier * scale:g})"
-                 for multiplier in NTK_SCALE_MULTIPLIERS]
-    other_betas = [betas for betas in YARN_BETAS if betas != (beta_fast, beta_slow)]
-    yarn_names = [f"yarn ({fast:g}/{slow:g})" for fast, slow in other_betas]
-    return {"ntk+attn": {name: baseline(name, geometry, target_length) for name in ntk_names},
-            "yarn": {"yarn": yarn(geometry, target_length, beta_fast, beta_slow)}
-            | {name: baseline(name, geometry, target_length) for name in yarn_names}}
+    ntk_family = {"ntk+attn" if multiplier == 1.0 else f"ntk+attn (s={multiplier * scale:g})":
+                  _ntk_with_longrope_attention(geometry, target_length, multiplier * scale)
+                  for multiplier in NTK_SCALE_MULTIPLIERS}
+    betas = dict.fromkeys([(float(beta_fast), float(beta_slow)), *YARN_BETAS])
+    yarn_family = {"yarn" if index == 0 else f"yarn ({fast:g}/{slow:g})": yarn(geometry, target_length, fast, slow)
+                   for index, (fast, slow) in enumerate(betas)}
+    return {"ntk+attn": ntk_family, "yarn": yarn_family}
+
+
+def _ntk_with_longrope_attention(geometry: RopeGeometry, target_length: int, effective_scale: float) -> RopeFactors:
+    """NTK-aware built for ``effective_scale``, with LongRoPE's attention scaling for the real length scale."""
+    scaling = longrope_attention_scaling(length_scale(geometry, target_length), geometry.original_length)
+    return ntk_aware(geometry, target_length, attention_scaling=scaling, effective_scale=effective_scale)
 
 
 def is_baseline(name: str) -> bool:
@@ -226,8 +232,7 @@ def baseline(name: str, geometry: RopeGeometry, target_length: int) -> RopeFacto
     if name in BASELINES:
         return BASELINES[name](geometry, target_length)
     if ntk := _NTK_MEMBER.fullmatch(name):
-        scaling = longrope_attention_scaling(length_scale(geometry, target_length), geometry.original_length)
-        return ntk_aware(geometry, target_length, attention_scaling=scaling, effective_scale=float(ntk[1]))
+        return _ntk_with_longrope_attention(geometry, target_length, float(ntk[1]))
     if yarn_betas := _YARN_MEMBER.fullmatch(name):
         return yarn(geometry, target_length, float(yarn_betas[1]), float(yarn_betas[2]))
     raise ValueError(f"unknown method {name!r}; choose from {', '.join([*BASELINES, *HAND_MADE_NAMES])}")
