@@ -97,10 +97,13 @@ def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Pat
     preset = base.replace(name=name, search__sampler=sampler, search__seed=seed)
     if unpruned:
         preset = preset.replace(search__pruning=False)
-    storage = open_storage(f"sqlite:///{(out / f'{preset.name}.db').resolve()}")
+    path = (out / f"{preset.name}.db").resolve()
+    storage = open_storage(f"sqlite:///{path}")
     space = search_space_for(preset, workload)
     study = open_study(preset, storage, space, workload)
-    run_search(study, storage, workload, space, preset, progress=False)
+    # runs last hours on a CPU: say which study the trial bar below counts
+    print(f"{preset.name}: {preset.search.n_trials} trials in {path}", file=sys.stderr, flush=True)
+    run_search(study, storage, workload, space, preset)
     full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
     return Run(sampler, seed, preset, study, full_steps, unpruned)
 
