@@ -306,6 +306,18 @@ def test_the_sampler_benchmark_compares_over_seeds_and_replays_its_studies(tmp_p
         (row,) = [line for line in rows if line.startswith(f"| longrope | {seed} |")]
         assert 0 < float(row.split("|")[7]) <= 1
     assert (tmp_path / "convergence.html").read_text().count("tiny-tpe-seed1") > 0
+    for sampler in ("longrope", "tpe"):  # seed 1 opened with seed 0's seed trials, not measured again
+        first_run, copied = (optuna.load_study(study_name=f"tiny-{sampler}-seed{seed}",
+                                               storage=f"sqlite:///{tmp_path}/tiny-{sampler}-seed{seed}.db").trials
+                             for seed in (0, 1))
+        seeds = [trial for trial in copied if "seed" in trial.user_attrs]
+        assert seeds == copied[:len(seeds)] and len(seeds) >= 4
+        for trial in seeds:
+            origin = first_run[trial.number]
+            assert trial.user_attrs["copied_from"] == f"tiny-{sampler}-seed0#{trial.number}"
+            assert (trial.params, trial.value, trial.datetime_complete) == (
+                origin.params, origin.value, origin.datetime_complete)
+        assert "copied_from" not in copied[len(seeds)].user_attrs
     bench.main(args)  # a replay: the finished studies are read, not run again
     assert capsys.readouterr().out == first
     for name in ("tiny-longrope-seed0", "tiny-tpe-seed1"):
@@ -347,3 +359,10 @@ def test_the_sampler_benchmark_measures_pruned_samplers_against_the_plain_search
         states[name] = {t.state for t in trials}
     assert TrialState.PRUNED not in states["tiny-longrope-seed0-unpruned"]
     assert TrialState.PRUNED in states["tiny-longrope-seed0"] | states["tiny-tpe-seed0"]
+
+    # seed trials are copied only from a study under the same [search] settings: not from the pruned run
+    # into a run without pruning
+    assert bench.main(["--study", "tiny", "--n-trials", "10", "--samplers", "longrope", "--seeds", "1",
+                       "--out", str(tmp_path)]) == 0
+    trials = optuna.load_study(study_name="tiny-longrope-seed1", storage=f"sqlite:///{tmp_path}/tiny-longrope-seed1.db")
+    assert not any("copied_from" in trial.user_attrs for trial in trials.trials)
