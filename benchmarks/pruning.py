@@ -33,14 +33,14 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.cli import comma_separated, command
-from hpo.pruning import ParentPruner
+from hpo.pruning import FidelityStep, ParentPruner, TrialCost, cost_to_reach
 from hpo.records import open_storage
 from hpo.sampler import LongRoPESampler
 from hpo.study import load_workload, open_study, run_search, search_space_for
@@ -56,28 +56,16 @@ class Arm:
     best: float
     complete: int
     pruned: int
-    full_evaluations: int  # searched windows measured at the full target length
-    prefix_evaluations: float  # prefix rungs, in windows (a half-window rung counts 0.5)
-    trial_seconds: float
+    cost: TrialCost
     trials: list[FrozenTrial]
-    prefix_share: dict[int, float]  # the window share each prefix rung's step reads
+    schedule: list[FidelityStep]
 
     def figures(self) -> dict:
-        """The arm's counts for the JSON (its trials and rung shares are in its study file)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("trials", "prefix_share")}
-
-
-def prefix_windows(trial: FrozenTrial, prefix_share: dict[int, float]) -> float:
-    """The prefix rungs ``trial`` read, each counted as the share of a window it reads."""
-    return sum(prefix_share.get(step, 0.0) for step in trial.intermediate_values)
-
-
-def full_evaluations(trial: FrozenTrial, full_steps: set[int]) -> int:
-    return sum(step in full_steps for step in trial.intermediate_values)
-
-
-def trial_seconds(trial: FrozenTrial) -> float:
-    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+        """The arm's counts for the JSON (its trials are in its study file)."""
+        return {"pruning": self.pruning, "best": self.best, "complete": self.complete, "pruned": self.pruned,
+                "full_evaluations": self.cost.full_evaluations,  # searched windows read at the full target length
+                "prefix_evaluations": self.cost.windows - self.cost.full_evaluations,  # prefix rungs, in windows
+                "trial_seconds": self.cost.seconds}
 
 
 def run_arm(preset: StudyPreset, workload, out_dir: Path, reuse: bool = False) -> Arm:
@@ -96,46 +84,31 @@ def run_arm(preset: StudyPreset, workload, out_dir: Path, reuse: bool = False) -
     space = search_space_for(preset, workload)
     study = open_study(preset, storage, space, workload)
     run_search(study, storage, workload, space, preset)  # resumes a reused study; nothing to do when it is finished
-    schedule = workload.schedule(search)
-    full_steps = {step.step for step in schedule if not step.prefix}
-    prefix_share = {step.step: step.tokens / workload.windows[0].numel() for step in schedule if step.prefix}
-    return arm_of(study.trials, search.pruning, full_steps, prefix_share)
+    return arm_of(study.trials, search.pruning, workload.schedule(search))
 
 
-def arm_of(trials: list[FrozenTrial], pruning: bool, full_steps: set[int], prefix_share: dict[int, float]) -> Arm:
+def arm_of(trials: list[FrozenTrial], pruning: bool, schedule: list[FidelityStep]) -> Arm:
     """What ``trials`` (a run's, in order; or the first of them) spent and found."""
+    spent, _ = cost_to_reach(trials, schedule)
     return Arm(
         pruning=pruning,
         best=min(t.value for t in trials if t.state == TrialState.COMPLETE),
         complete=sum(t.state == TrialState.COMPLETE for t in trials),
         pruned=sum(t.state == TrialState.PRUNED for t in trials),
-        full_evaluations=sum(full_evaluations(t, full_steps) for t in trials),
-        prefix_evaluations=sum(prefix_windows(t, prefix_share) for t in trials),
-        trial_seconds=sum(trial_seconds(t) for t in trials),
+        cost=spent,
         trials=trials,
-        prefix_share=prefix_share,
+        schedule=schedule,
     )
 
 
-def cost_to_reach(arm: Arm, target: float, full_steps: set[int]) -> tuple[int, float, float, int]:
-    """Full evaluations, windows read (prefix rungs included) and trial seconds spent until the first
-    complete trial at or below ``target``; its number."""
-    evaluations, windows, seconds = 0, 0.0, 0.0
-    for trial in arm.trials:  # one worker: trial numbers are the order of evaluation
-        trial_evaluations = full_evaluations(trial, full_steps)
-        evaluations += trial_evaluations
-        windows += trial_evaluations + prefix_windows(trial, arm.prefix_share)
-        seconds += trial_seconds(trial)
-        if trial.state == TrialState.COMPLETE and trial.value <= target:
-            return evaluations, windows, seconds, trial.number
-    raise AssertionError("the target is one of the two runs' best values, reached by both")
-
-
-def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[str, ...]], dict]:
+def compare(full: Arm, pruned: Arm) -> tuple[list[tuple[str, ...]], dict]:
     """The table rows (without / with pruning / ratio) and the JSON figures of one pruned run against the full one."""
-    target = max(full.best, pruned.best)  # the best perplexity both runs reached
-    (full_evals, full_windows, full_s, full_at), (pruned_evals, pruned_windows, pruned_s, pruned_at) = (
-        cost_to_reach(arm, target, full_steps) for arm in (full, pruned))
+    target = max(full.best, pruned.best)  # the best perplexity both runs reached: each run reaches it
+    (full_cost, full_trial), (pruned_cost, pruned_trial) = (
+        cost_to_reach(arm.trials, arm.schedule, target) for arm in (full, pruned))
+    full_evals, full_windows, full_s = full_cost.full_evaluations, full_cost.windows, full_cost.seconds
+    pruned_evals, pruned_windows, pruned_s = pruned_cost.full_evaluations, pruned_cost.windows, pruned_cost.seconds
+    full_at, pruned_at = full_trial.number, pruned_trial.number
     same = sum(a.params == b.params for a, b in zip(full.trials, pruned.trials, strict=False))
     rows = [
         ("best perplexity", f"{full.best:.4f}", f"{pruned.best:.4f}", ""),
@@ -145,12 +118,12 @@ def compare(full: Arm, pruned: Arm, full_steps: set[int]) -> tuple[list[tuple[st
         (f"windows read to reach {target:.4f}, prefix rungs included", f"{full_windows:.2f}",
          f"{pruned_windows:.2f}", f"{full_windows / pruned_windows:.2f}x"),
         (f"trial seconds to reach {target:.4f}", f"{full_s:.1f}", f"{pruned_s:.1f}", f"{full_s / pruned_s:.2f}x"),
-        ("full-length evaluations, whole run", str(full.full_evaluations), str(pruned.full_evaluations),
-         f"{full.full_evaluations / pruned.full_evaluations:.2f}x"),
-        ("prefix-rung evaluations (in windows)", f"{full.prefix_evaluations:.1f}",
-         f"{pruned.prefix_evaluations:.1f}", ""),
-        ("trial seconds, whole run", f"{full.trial_seconds:.1f}", f"{pruned.trial_seconds:.1f}",
-         f"{full.trial_seconds / pruned.trial_seconds:.2f}x"),
+        ("full-length evaluations, whole run", str(full.cost.full_evaluations), str(pruned.cost.full_evaluations),
+         f"{full.cost.full_evaluations / pruned.cost.full_evaluations:.2f}x"),
+        ("prefix-rung evaluations (in windows)", f"{full.cost.windows - full.cost.full_evaluations:.1f}",
+         f"{pruned.cost.windows - pruned.cost.full_evaluations:.1f}", ""),
+        ("trial seconds, whole run", f"{full.cost.seconds:.1f}", f"{pruned.cost.seconds:.1f}",
+         f"{full.cost.seconds / pruned.cost.seconds:.2f}x"),
         ("trials with the same factors", f"{same} of {min(len(full.trials), len(pruned.trials))}", "", ""),
     ]
     figures = {"arm": pruned.figures(), "target": target,
@@ -203,10 +176,11 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
     trials = sorted(full.trials, key=lambda t: t.number)
     if any(t.state != TrialState.COMPLETE for t in trials):
         raise SystemExit(f"{database}: a replay needs a run without pruning, every trial complete")
-    steps = set(trials[0].intermediate_values)  # full windows only: the run had no prefix rungs to skip
+    # full windows only (the run had no prefix rungs to skip): a trial's evaluations are the steps it reported
+    steps = set(trials[0].intermediate_values)
     best = min(trials, key=lambda t: t.value)
-    to_best = sum(full_evaluations(t, steps) for t in trials[: best.number + 1])
-    total = sum(full_evaluations(t, steps) for t in trials)
+    to_best = sum(len(t.intermediate_values) for t in trials[: best.number + 1])
+    total = sum(len(t.intermediate_values) for t in trials)
     print(f"\n## Replay of {name}: {len(trials)} trials x {len(steps)} windows, best {best.value:.4f} "
           f"(trial {best.number}, {to_best} window evaluations; {total} for the whole run)\n")
     print("| rank | margin | pruned | window evaluations to the best | whole run | "
@@ -214,8 +188,8 @@ def print_replays(database: Path, margins: list[float], ranks: list[int]) -> Non
     for rank, margin in itertools.product(ranks, margins):
         replayed, diverged = replay(full, ParentPruner(rank, margin))
         kept = replayed[best.number].state == TrialState.COMPLETE
-        spent = sum(full_evaluations(t, steps) for t in replayed[: best.number + 1])
-        whole = sum(full_evaluations(t, steps) for t in replayed)
+        spent = sum(len(t.intermediate_values) for t in replayed[: best.number + 1])
+        whole = sum(len(t.intermediate_values) for t in replayed)
         pruned = sum(t.state == TrialState.PRUNED for t in replayed)
         to_best_cell = f"{spent} ({to_best / spent:.2f}x)" if kept else "best trial pruned"
         print(f"| {rank} | {margin:g} | {pruned} | {to_best_cell} | {whole} ({total / whole:.2f}x) | "
@@ -230,7 +204,6 @@ def run_arms(args: argparse.Namespace, preset: StudyPreset, margins: list[float]
     args.out.mkdir(parents=True, exist_ok=True)
     workload = load_workload(preset)
     full = run_arm(preset.replace(search__pruning=False), workload, args.out, args.reuse)
-    full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
     search = preset.search
     figures = {"preset": preset.name, "samples": args.samples, "n_trials": search.n_trials, "seed": search.seed,
                "full": full.figures(), "pruning": []}
@@ -242,8 +215,8 @@ def run_arms(args: argparse.Namespace, preset: StudyPreset, margins: list[float]
         # of that budget would have done (proposals depend on earlier trials only).
         budgets = sorted({len(pruned.trials), min(len(pruned.trials), len(full.trials))})
         for budget in budgets:
-            same_budget = arm_of(pruned.trials[:budget], True, full_steps, pruned.prefix_share)
-            rows, arm_figures = compare(full, same_budget, full_steps)
+            same_budget = arm_of(pruned.trials[:budget], True, pruned.schedule)
+            rows, arm_figures = compare(full, same_budget)
             figures["pruning"].append({"rank": rank, "margin": margin, "trials": budget, **arm_figures})
             print(f"\n## Pruning: {preset.name}, {args.samples} windows of {preset.target_length:,} tokens, "
                   f"{search.n_trials} trials ({budget} with pruning), seed {search.seed}, "

@@ -17,11 +17,13 @@ the preset's pruning (strict: rank 1, margin 0, and ``--prefixes`` as rungs when
 whether a search that stops trials early reaches the plain search's best for fewer full-length
 evaluations (the reference's study is ``STUDY-SAMPLER-seedN-unpruned``). For each
 sampler and seed the table gives the best searched perplexity, and the full-length window evaluations
-(one searched window measured at the target length; prefix rungs not counted) and trial seconds spent
-until the first complete trial at or below the reference's best at that seed, as a share of what the
-reference spent in its whole run ("-" when never reached), and the best trial's perplexity on the
-held-out windows (one more evaluation per run, stored in its study). A summary gives each sampler's
-mean and spread over the seeds. ``--html`` writes the convergence figure of every study (dashboards.figures).
+(one searched window measured at the target length; prefix rungs not counted), the windows read (prefix
+rungs counted as the share of a window they read: a cost that does not depend on what else the machine
+ran) and the trial seconds spent until the first complete trial at or below the reference's best at that
+seed, as a share of what the reference spent in its whole run ("-" when never reached), and the best
+trial's perplexity on the held-out windows (one more evaluation per run, stored in its study). A summary
+gives each sampler's mean and spread over the seeds. ``--html`` writes the convergence figure of every
+study (dashboards.figures).
 
 The baselines that open every study are the same trials at every seed (their values depend on the workload,
 not on the seed), so a new run copies them from a study of the same sampler at another seed under ``--out``
@@ -46,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dashboards.figures import convergence
 from dashboards.report import render_html
 from hpo.cli import add_dtype_argument, checked_dtype, comma_separated, command
+from hpo.pruning import FidelityStep, TrialCost, cost_to_reach
 from hpo.records import SEARCH_SPACE_ATTR, SEEDS_KEY, STAGE_ATTR, WORKLOAD_ATTR, open_storage, seed_records
 from hpo.study import Workload, load_workload, open_study, run_search, search_space_for
 from hpo.trials import StopSignals
@@ -62,7 +65,7 @@ class Run:
     seed: int
     preset: StudyPreset
     study: optuna.Study
-    full_steps: set[int]  # the intermediate-value steps that close a full searched window
+    schedule: list[FidelityStep]  # the steps a trial is measured in
     unpruned: bool = False  # the reference without pruning of --unpruned-reference
 
     @property
@@ -87,17 +90,11 @@ class Run:
             self.study.set_user_attr(key, value)
         return self.study.user_attrs[key]
 
-    def spent(self, until: float | None = None) -> tuple[int, float] | None:
-        """Full evaluations and trial seconds up to the first complete trial at or below ``until`` (the whole
-        run when ``None``); ``None`` when no trial reached it."""
-        evaluations, seconds = 0, 0.0
-        for trial in self.trials:
-            evaluations += sum(step in self.full_steps for step in trial.intermediate_values)
-            if trial.datetime_complete and trial.datetime_start:
-                seconds += (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if until is not None and trial.state == TrialState.COMPLETE and trial.value <= until:
-                return evaluations, seconds
-        return (evaluations, seconds) if until is None else None
+    def spent(self, until: float | None = None) -> TrialCost | None:
+        """What the run spent up to the first complete trial at or below ``until`` (the whole run when ``None``);
+        ``None`` when no trial reached it."""
+        reached = cost_to_reach(self.trials, self.schedule, until)
+        return reached and reached[0]
 
 
 def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Path, unpruned: bool = False) -> Run:
@@ -121,8 +118,7 @@ def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Pat
     # runs last hours on a CPU: say which study the trial bar below counts
     print(f"{preset.name}: {preset.search.n_trials} trials in {path}", file=sys.stderr, flush=True)
     run_search(study, storage, workload, space, preset)
-    full_steps = {step.step for step in workload.schedule(preset.search) if not step.prefix}
-    return Run(sampler, seed, preset, study, full_steps, unpruned)
+    return Run(sampler, seed, preset, study, workload.schedule(preset.search), unpruned)
 
 
 def search_settings(preset: StudyPreset) -> dict:
@@ -214,35 +210,37 @@ def main(argv: list[str] | None = None) -> int:
     pruning = (f"rank {base.search.pruning_rank}, margin {base.search.pruning_margin:g}, prefix rungs "
                f"{list(base.search.pruning_prefixes)}" if base.search.pruning else "off")
     print(f"{base.name}: {base.search.n_trials} finished trials per run, pruning {pruning}, reference {reference}; "
-          "cost = full-length window evaluations / trial seconds until the reference's best at that seed, as a "
-          "share of the reference's whole run\n")
+          "cost = full-length window evaluations / windows read (a prefix rung as the share of a window it reads) "
+          "/ trial seconds until the reference's best at that seed, as a share of the reference's whole run\n")
     print("| sampler | seed | best | held-out | best trial | evaluations to the reference's best | share "
-          "| seconds share |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| windows read share | seconds share |")
+    print("|---|---|---|---|---|---|---|---|---|")
     shares: dict[str, list[float]] = {label: [] for label in labels}
+    window_shares: dict[str, list[float]] = {label: [] for label in labels}
     for result in every_run:
         seed = result.seed
         target = references[seed]
-        total_evaluations, total_seconds = target.spent()
+        total = target.spent()
         reached = result.spent(until=target.best)
         if reached:
-            evaluations, seconds = reached
-            shares[result.label].append(evaluations / total_evaluations)
-            cost = f"{evaluations} | {evaluations / total_evaluations:.2f} | {seconds / total_seconds:.2f}"
+            shares[result.label].append(reached.full_evaluations / total.full_evaluations)
+            window_shares[result.label].append(reached.windows / total.windows)
+            cost = (f"{reached.full_evaluations} | {reached.full_evaluations / total.full_evaluations:.2f} "
+                    f"| {reached.windows / total.windows:.2f} | {reached.seconds / total.seconds:.2f}")
         else:
-            cost = "- | - | -"
+            cost = "- | - | - | -"
         heldout = f"{result.heldout(workload):.4f}" if workload.heldout_windows else "-"
         print(f"| {result.label} | {seed} | {result.best:.4f} | {heldout} | {result.study.best_trial.number} "
               f"| {cost} |")
     print("\n| sampler | best, mean (min-max) | held-out, mean (min-max) | share of the reference's evaluations "
-          "to reach its best | reached |")
-    print("|---|---|---|---|---|")
+          "to reach its best | windows read share | reached |")
+    print("|---|---|---|---|---|---|")
     for label in labels:
         of_label = [result for result in every_run if result.label == label]
         bests = [result.best for result in of_label]
         heldouts = [result.heldout(workload) for result in of_label] if workload.heldout_windows else []
         print(f"| {label} | {spread(bests, 4)} | {spread(heldouts, 4)} | {spread(shares[label], 2)} "
-              f"| {len(shares[label])}/{len(seeds)} |")
+              f"| {spread(window_shares[label], 2)} | {len(shares[label])}/{len(seeds)} |")
     if args.html:
         figure = convergence([result.study for result in every_run])
         args.html.write_text(render_html({"convergence": figure}, f"Samplers on {base.name}"))

@@ -58,6 +58,43 @@ def fidelity_schedule(window_lengths: Sequence[int], prefixes: Sequence[float] =
     return steps
 
 
+@dataclass(frozen=True)
+class TrialCost:
+    """What measuring trials spent: ``full_evaluations`` searched windows read at the full target length,
+    ``windows`` read in all (a prefix rung counted as the share of its window it reads), and ``seconds`` of
+    trial wall time. The first two do not depend on what else the machine ran."""
+
+    full_evaluations: int = 0
+    windows: float = 0.0
+    seconds: float = 0.0
+
+    def __add__(self, other: TrialCost) -> TrialCost:
+        return TrialCost(self.full_evaluations + other.full_evaluations, self.windows + other.windows,
+                         self.seconds + other.seconds)
+
+
+def trial_cost(trial: FrozenTrial, schedule: Sequence[FidelityStep]) -> TrialCost:
+    """What ``trial`` spent: the steps of ``schedule`` it reported (its intermediate values) and its wall time."""
+    window_tokens = {step.window: step.tokens for step in schedule if not step.prefix}
+    read = [step for step in schedule if step.step in trial.intermediate_values]
+    seconds = ((trial.datetime_complete - trial.datetime_start).total_seconds()
+               if trial.datetime_complete and trial.datetime_start else 0.0)
+    return TrialCost(sum(not step.prefix for step in read),
+                     sum(step.tokens / window_tokens[step.window] for step in read), seconds)
+
+
+def cost_to_reach(trials: Sequence[FrozenTrial], schedule: Sequence[FidelityStep],
+                  target: float | None = None) -> tuple[TrialCost, FrozenTrial | None] | None:
+    """What ``trials`` (one worker's, in evaluation order) spent up to and with the first complete trial at or
+    below ``target``, and that trial; ``None`` when none reached it. Without ``target``: all of them."""
+    spent = TrialCost()
+    for trial in trials:
+        spent += trial_cost(trial, schedule)
+        if target is not None and trial.state == TrialState.COMPLETE and trial.value <= target:
+            return spent, trial
+    return (spent, None) if target is None else None
+
+
 class ParentPruner(BasePruner):
     """Prune a trial whose running value could not make it into the best ``rank`` trials, by a margin.
 

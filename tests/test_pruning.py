@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import FrozenTrial, TrialState
 
 from hpo import study as study_module
-from hpo.pruning import FidelityStep, ParentPruner, fidelity_schedule
+from hpo.pruning import FidelityStep, ParentPruner, TrialCost, cost_to_reach, fidelity_schedule, trial_cost
 from hpo.sampler import PARENTS_KEY, LongRoPESampler
 from hpo.study import load_workload
 from models.baselines import yarn
@@ -69,6 +71,25 @@ def test_fidelity_schedule_counts_the_tokens_read():
         fidelity_schedule([256], (1.0,))
 
 
+def test_a_trials_cost_counts_prefix_rungs_as_the_share_of_the_window_they_read():
+    schedule = fidelity_schedule([256, 256], (0.25,))
+    start = datetime(2026, 1, 1)
+
+    def trial(number, steps, state, value=None, seconds=10.0):
+        return FrozenTrial(number=number, state=state, value=value, datetime_start=start,
+                           datetime_complete=start + timedelta(seconds=seconds), params={}, distributions={},
+                           user_attrs={}, system_attrs={}, intermediate_values=dict.fromkeys(steps, 20.0),
+                           trial_id=number)
+
+    pruned = trial(0, [64], TrialState.PRUNED, seconds=2.0)
+    complete = trial(1, [64, 256, 512], TrialState.COMPLETE, value=19.0)
+    assert trial_cost(pruned, schedule) == TrialCost(0, 0.25, 2.0)
+    assert trial_cost(complete, schedule) == TrialCost(2, 2.25, 10.0)
+    assert cost_to_reach([pruned, complete], schedule, 19.0) == (TrialCost(2, 2.5, 12.0), complete)
+    assert cost_to_reach([pruned, complete], schedule, 18.0) is None
+    assert cost_to_reach([pruned, complete], schedule) == (TrialCost(2, 2.5, 12.0), None)
+
+
 def test_stepwise_values_end_at_the_full_fitness():
     preset = load_preset("tiny").replace(data__samples=3, search__pruning=True, search__pruning_prefixes=(0.5,))
     workload = load_workload(preset)
@@ -87,7 +108,7 @@ def test_stepwise_values_end_at_the_full_fitness():
 def test_pruned_trials_keep_their_partial_values(study):
     trials = study.trials
     assert len(trials) == 20 and all(t.state.is_finished() for t in trials)
-    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, "nothing was pruned"
     for trial in pruned:
         steps = sorted(trial.intermediate_values)
@@ -95,14 +116,14 @@ def test_pruned_trials_keep_their_partial_values(study):
         assert trial.value == trial.intermediate_values[steps[-1]]
         assert len(trial.user_attrs["window_perplexities"]) == len(steps) - 1  # the prefix rung is no window
     for trial in trials:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
+        if trial.state == TrialState.COMPLETE:
             assert sorted(trial.intermediate_values) == ALL_STEPS
             assert trial.value == trial.intermediate_values[FULL_STEPS[-1]]
 
 
 def test_pruned_trials_are_never_parents(study):
     trials = study.trials
-    pruned = {t.number for t in trials if t.state == optuna.trial.TrialState.PRUNED}
+    pruned = {t.number for t in trials if t.state == TrialState.PRUNED}
     bred_from = {n for t in trials for n in t.system_attrs.get(PARENTS_KEY, [])}
     assert bred_from and not bred_from & pruned
     id_to_number = {t._trial_id: t.number for t in trials}
@@ -114,19 +135,19 @@ def test_pruned_trials_are_never_parents(study):
 def assert_pruned_exactly_when_behind(trials: list[optuna.trial.FrozenTrial], rank: int) -> None:
     """Each trial ran on while within the ``rank`` best complete trials before it, and stopped when it fell behind."""
     for trial in trials:  # one worker: a trial's pruning decisions saw exactly the trials numbered before it
-        complete_before = [t for t in trials[: trial.number] if t.state == optuna.trial.TrialState.COMPLETE]
+        complete_before = [t for t in trials[: trial.number] if t.state == TrialState.COMPLETE]
         steps = sorted(trial.intermediate_values)
         for step in steps:
             values = sorted(t.intermediate_values[step] for t in complete_before if step in t.intermediate_values)
             within_rank = len(values) < rank or trial.intermediate_values[step] <= values[rank - 1]
-            stopped_here = trial.state == optuna.trial.TrialState.PRUNED and step == steps[-1]
+            stopped_here = trial.state == TrialState.PRUNED and step == steps[-1]
             assert within_rank != stopped_here or step == FULL_STEPS[-1]
 
 
 def test_pruning_stops_trials_behind_the_parents_and_pruned_trials_fill_generations(study):
     trials = study.trials
     assert_pruned_exactly_when_behind(trials, rank=3)
-    assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials if t.system_attrs[GENERATION_KEY] == 0)
+    assert any(t.state == TrialState.PRUNED for t in trials if t.system_attrs[GENERATION_KEY] == 0)
     sizes: dict[int, int] = {}
     for trial in trials:
         sizes[trial.system_attrs[GENERATION_KEY]] = sizes.get(trial.system_attrs[GENERATION_KEY], 0) + 1
@@ -138,8 +159,8 @@ def test_a_stricter_rank_prunes_more_and_still_breeds_from_complete_trials(tmp_p
     strict = run_study(tmp_path, preset_text=PRESET.replace("pruning = true\n", "pruning = true\npruning_rank = 1\n"))
     trials = strict.trials
     assert_pruned_exactly_when_behind(trials, rank=1)
-    pruned = {t.number for t in trials if t.state == optuna.trial.TrialState.PRUNED}
-    assert len(pruned) > sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    pruned = {t.number for t in trials if t.state == TrialState.PRUNED}
+    assert len(pruned) > sum(t.state == TrialState.PRUNED for t in study.trials)
     bred_from = {n for t in trials for n in t.system_attrs.get(PARENTS_KEY, [])}
     assert bred_from and not bred_from & pruned
     assert len(trials) == 20
@@ -212,4 +233,4 @@ def test_a_replay_prunes_what_a_live_run_prunes_until_a_parent_set_differs(tmp_p
     assert [t.state for t in replayed[exact]] == [t.state for t in live.trials[exact]]
     assert [sorted(t.intermediate_values) for t in replayed[exact]] == [
         sorted(t.intermediate_values) for t in live.trials[exact]]
-    assert any(t.state == optuna.trial.TrialState.PRUNED for t in replayed[exact])
+    assert any(t.state == TrialState.PRUNED for t in replayed[exact])

@@ -305,6 +305,7 @@ def test_the_sampler_benchmark_compares_over_seeds_and_replays_its_studies(tmp_p
     for seed in (0, 1):  # the reference reaches its own best within its run
         (row,) = [line for line in rows if line.startswith(f"| longrope | {seed} |")]
         assert 0 < float(row.split("|")[7]) <= 1
+        assert float(row.split("|")[8]) == float(row.split("|")[7])  # no prefix rungs: windows read are evaluations
     assert (tmp_path / "convergence.html").read_text().count("tiny-tpe-seed1") > 0
     for sampler in ("longrope", "tpe"):  # seed 1 opened with seed 0's seed trials, not measured again
         first_run, copied = (optuna.load_study(study_name=f"tiny-{sampler}-seed{seed}",
@@ -353,6 +354,7 @@ def test_the_sampler_benchmark_measures_pruned_samplers_against_the_plain_search
     rows = [line for line in out.splitlines() if line.startswith("| longrope") or line.startswith("| tpe")]
     assert [row.split(" | ")[0] for row in rows] == ["| longrope (no pruning)", "| longrope", "| tpe"] * 2
     assert 0 < float(rows[0].split(" | ")[6]) <= 1  # the reference reaches its own best within its run
+    assert 0 < float(rows[0].split(" | ")[7]) <= 1
     states = {}
     for name in ("tiny-longrope-seed0-unpruned", "tiny-longrope-seed0", "tiny-tpe-seed0"):
         trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials
