@@ -33,7 +33,7 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import optuna
@@ -106,18 +106,17 @@ def compare(full: Arm, pruned: Arm) -> tuple[list[tuple[str, ...]], dict]:
     target = max(full.best, pruned.best)  # the best perplexity both runs reached: each run reaches it
     (full_cost, full_trial), (pruned_cost, pruned_trial) = (
         cost_to_reach(arm.trials, arm.schedule, target) for arm in (full, pruned))
-    full_evals, full_windows, full_s = full_cost.full_evaluations, full_cost.windows, full_cost.seconds
-    pruned_evals, pruned_windows, pruned_s = pruned_cost.full_evaluations, pruned_cost.windows, pruned_cost.seconds
-    full_at, pruned_at = full_trial.number, pruned_trial.number
     same = sum(a.params == b.params for a, b in zip(full.trials, pruned.trials, strict=False))
     rows = [
         ("best perplexity", f"{full.best:.4f}", f"{pruned.best:.4f}", ""),
         ("trials complete / pruned", f"{full.complete} / {full.pruned}", f"{pruned.complete} / {pruned.pruned}", ""),
-        (f"full-length evaluations to reach {target:.4f}", f"{full_evals} (trial {full_at})",
-         f"{pruned_evals} (trial {pruned_at})", f"{full_evals / pruned_evals:.2f}x"),
-        (f"windows read to reach {target:.4f}, prefix rungs included", f"{full_windows:.2f}",
-         f"{pruned_windows:.2f}", f"{full_windows / pruned_windows:.2f}x"),
-        (f"trial seconds to reach {target:.4f}", f"{full_s:.1f}", f"{pruned_s:.1f}", f"{full_s / pruned_s:.2f}x"),
+        (f"full-length evaluations to reach {target:.4f}", f"{full_cost.full_evaluations} (trial {full_trial.number})",
+         f"{pruned_cost.full_evaluations} (trial {pruned_trial.number})",
+         f"{full_cost.full_evaluations / pruned_cost.full_evaluations:.2f}x"),
+        (f"windows read to reach {target:.4f}, prefix rungs included", f"{full_cost.windows:.2f}",
+         f"{pruned_cost.windows:.2f}", f"{full_cost.windows / pruned_cost.windows:.2f}x"),
+        (f"trial seconds to reach {target:.4f}", f"{full_cost.seconds:.1f}", f"{pruned_cost.seconds:.1f}",
+         f"{full_cost.seconds / pruned_cost.seconds:.2f}x"),
         ("full-length evaluations, whole run", str(full.cost.full_evaluations), str(pruned.cost.full_evaluations),
          f"{full.cost.full_evaluations / pruned.cost.full_evaluations:.2f}x"),
         ("prefix-rung evaluations (in windows)", f"{full.cost.windows - full.cost.full_evaluations:.1f}",
@@ -127,8 +126,7 @@ def compare(full: Arm, pruned: Arm) -> tuple[list[tuple[str, ...]], dict]:
         ("trials with the same factors", f"{same} of {min(len(full.trials), len(pruned.trials))}", "", ""),
     ]
     figures = {"arm": pruned.figures(), "target": target,
-               "to_target": {"full": [full_evals, full_windows, full_s],
-                             "pruning": [pruned_evals, pruned_windows, pruned_s]},
+               "to_target": {"full": list(astuple(full_cost)), "pruning": list(astuple(pruned_cost))},
                "same_factors": same}
     return rows, figures
 
