@@ -5,6 +5,8 @@
         --html runs/bench_samplers/convergence.html
     python benchmarks/samplers.py --study smollm2_16k --n-trials 40 --seeds 0,1,2 --samplers longrope,tpe,hybrid \
         --unpruned-reference --prefixes 0.25   # every sampler with pruning against the plain evolutionary search
+    python benchmarks/samplers.py --study smollm2_16k --n-trials 40 --seeds 0,1,2 --samplers longrope \
+        --unpruned-reference --prefixes 0.25 --max-full-evaluations 13   # pruned runs: a third of the evaluations
 
 Runs the study once per sampler and seed with the same windows and budget of finished trials (pruning
 as the preset says; ``--no-pruning`` turns it off), each in its own SQLite file under ``--out``: running
@@ -15,7 +17,10 @@ The reference is the first sampler of ``--samplers`` (``longrope``: the evolutio
 ``--unpruned-reference`` it is that sampler *without* pruning, run besides every sampler of the list with
 the preset's pruning (strict: rank 1, margin 0, and ``--prefixes`` as rungs when given), which asks
 whether a search that stops trials early reaches the plain search's best for fewer full-length
-evaluations (the reference's study is ``STUDY-SAMPLER-seedN-unpruned``). For each
+evaluations (the reference's study is ``STUDY-SAMPLER-seedN-unpruned``). ``--max-full-evaluations N`` gives
+the runs with pruning a budget of N full-length evaluations instead of ``--n-trials`` finished trials
+(``[search] max_full_evaluations``; at most 4x ``--n-trials`` trials, for a run that prunes nearly everything),
+since a pruned trial costs a fraction of a full one: a study that already spent more keeps its trials. For each
 sampler and seed the table gives the best searched perplexity, and the full-length window evaluations
 (one searched window measured at the target length; prefix rungs not counted), the windows read (prefix
 rungs counted as the share of a window they read: a cost that does not depend on what else the machine
@@ -47,7 +52,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dashboards.figures import convergence
 from dashboards.report import render_html
-from hpo.cli import add_dtype_argument, checked_dtype, comma_separated, command
+from hpo.cli import add_dtype_argument, checked_dtype, comma_separated, command, positive
 from hpo.pruning import FidelityStep, TrialCost, cost_to_reach
 from hpo.records import SEARCH_SPACE_ATTR, SEEDS_KEY, STAGE_ATTR, WORKLOAD_ATTR, open_storage, seed_records
 from hpo.study import Workload, load_workload, open_study, run_search, search_space_for
@@ -97,13 +102,18 @@ class Run:
         return reached and reached[0]
 
 
-def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Path, unpruned: bool = False) -> Run:
+def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Path, unpruned: bool = False,
+        max_full_evaluations: int | None = None) -> Run:
     """The study of ``sampler`` at ``seed`` in ``out``, run (or continued) to the preset's budget; with
-    ``unpruned``, without pruning, in a study of its own."""
+    ``unpruned``, without pruning, in a study of its own; with ``max_full_evaluations`` (runs with pruning),
+    to that many full-length evaluations, or 4x the preset's trials."""
     name = f"{base.name}-{sampler}-seed{seed}" + ("-unpruned" if unpruned else "")
     preset = base.replace(name=name, search__sampler=sampler, search__seed=seed)
     if unpruned:
         preset = preset.replace(search__pruning=False)
+    elif max_full_evaluations:
+        preset = preset.replace(search__n_trials=4 * base.search.n_trials,
+                                search__max_full_evaluations=max_full_evaluations)
     path = (out / f"{preset.name}.db").resolve()
     storage = open_storage(f"sqlite:///{path}")
     space = search_space_for(preset, workload)
@@ -116,14 +126,16 @@ def run(base: StudyPreset, workload: Workload, sampler: str, seed: int, out: Pat
     if donor:
         print(f"{preset.name}: the seed trials copied from {donor}", file=sys.stderr, flush=True)
     # runs last hours on a CPU: say which study the trial bar below counts
-    print(f"{preset.name}: {preset.search.n_trials} trials in {path}", file=sys.stderr, flush=True)
+    budget = f" or {max_full_evaluations} full-length evaluations" if preset.search.max_full_evaluations else ""
+    print(f"{preset.name}: {preset.search.n_trials} trials{budget} in {path}", file=sys.stderr, flush=True)
     run_search(study, storage, workload, space, preset)
     return Run(sampler, seed, preset, study, workload.schedule(preset.search), unpruned)
 
 
 def search_settings(preset: StudyPreset) -> dict:
-    """The ``[search]`` settings a study's seed trials depend on: all but the seed and the budget."""
-    settings = {key: value for key, value in asdict(preset.search).items() if key not in ("seed", "n_trials")}
+    """The ``[search]`` settings a study's seed trials depend on: all but the seed and the budgets."""
+    settings = {key: value for key, value in asdict(preset.search).items()
+                if key not in ("seed", "n_trials", "max_full_evaluations")}
     return json.loads(json.dumps(settings))  # as a user attr reads back: tuples as lists
 
 
@@ -179,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unpruned-reference", action="store_true",
                         help="the reference is the first sampler without pruning; every sampler then runs with "
                              "strict pruning (rank 1, margin 0) against it")
+    parser.add_argument("--max-full-evaluations", type=positive(int),
+                        help="the runs with pruning stop once they read this many searched windows at the target "
+                             "length (at most 4x --n-trials trials) instead of at --n-trials; the reference without "
+                             "pruning keeps --n-trials")
     parser.add_argument("--prefixes", type=comma_separated(float),
                         help="with pruning: prefix rungs as fractions of a window, e.g. 0.25")
     add_dtype_argument(parser, None, "override the preset's [model] dtype; a study continues only in the dtype it "
@@ -191,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     base = load_preset(args.study).replace(search__n_trials=args.n_trials, model__dtype=checked_dtype(args.dtype))
     if args.no_pruning and args.unpruned_reference:
         parser.error("--no-pruning and --unpruned-reference exclude each other")
+    if args.max_full_evaluations and not args.unpruned_reference:
+        parser.error("--max-full-evaluations budgets the runs with pruning against --unpruned-reference")
     if args.no_pruning:
         base = base.replace(search__pruning=False)
     if args.unpruned_reference:
@@ -202,14 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     with StopSignals():  # SIGTERM (a scheduler, `kill`) stops the runs as Ctrl-C does
         unpruned = {seed: run(base, workload, samplers[0], seed, args.out, unpruned=True)
                     for seed in seeds} if args.unpruned_reference else {}
-        runs = {(sampler, seed): run(base, workload, sampler, seed, args.out) for sampler in samplers for seed in seeds}
+        runs = {(sampler, seed): run(base, workload, sampler, seed, args.out,
+                                     max_full_evaluations=args.max_full_evaluations)
+                for sampler in samplers for seed in seeds}
     references = unpruned or {seed: runs[samplers[0], seed] for seed in seeds}
     every_run = [*unpruned.values(), *runs.values()]
     labels = list(dict.fromkeys(result.label for result in every_run))  # the reference first
     reference = labels[0]
     pruning = (f"rank {base.search.pruning_rank}, margin {base.search.pruning_margin:g}, prefix rungs "
                f"{list(base.search.pruning_prefixes)}" if base.search.pruning else "off")
-    print(f"{base.name}: {base.search.n_trials} finished trials per run, pruning {pruning}, reference {reference}; "
+    budget = (f"{base.search.n_trials} finished trials for the reference, {args.max_full_evaluations} full-length "
+              f"evaluations for the others" if args.max_full_evaluations else
+              f"{base.search.n_trials} finished trials per run")
+    print(f"{base.name}: {budget}, pruning {pruning}, reference {reference}; "
           "cost = full-length window evaluations / windows read (a prefix rung as the share of a window it reads) "
           "/ trial seconds until the reference's best at that seed, as a share of the reference's whole run\n")
     print("| sampler | seed | best | held-out | best trial | evaluations to the reference's best | share "

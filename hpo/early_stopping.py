@@ -1,24 +1,28 @@
-"""Early stopping as the LongRoPE research code does it: stop once the best value has stalled.
+"""Stopping a search before ``n_trials``: once the best value has stalled, or once a budget is spent.
 
-The search stops when the best value changed by less than ``early_stop_delta`` over the last
-``early_stop_generations`` generations (the reference: 0.001 perplexity over 20 generations).
-:func:`stop_reason` is the rule, a pure reader of the study's records; :func:`stopper` builds it
-from a preset's ``[search]`` settings for :meth:`hpo.trials.TrialClaims.claim`, which stops handing
-out trials once it fires, records the reason in the study's ``early_stopped`` user attr
-(:data:`STOPPED_ATTR`) and logs it.
+- Stalled, as the LongRoPE research code does it: the search stops when the best value changed by less
+  than ``early_stop_delta`` over the last ``early_stop_generations`` generations (the reference: 0.001
+  perplexity over 20 generations); :func:`stop_reason` is the rule.
+- Spent: ``max_full_evaluations`` searched windows read at the target length by the finished trials
+  (:func:`budget_reason`), the cost that pruning changes and a trial count does not measure.
+
+Both are pure readers of the study's records; :func:`stopper` builds them from a preset's ``[search]``
+settings for :meth:`hpo.trials.TrialClaims.claim`, which stops handing out trials once one fires,
+records the reason in the study's ``early_stopped`` user attr (:data:`STOPPED_ATTR`) and logs it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from hpo.pruning import FidelityStep, TrialCost, trial_cost
 from hpo.records import EVALUATED, GENERATION_KEY, STOPPED_ATTR
 from hpo.sampler import LongRoPESampler
 from studies import GENETIC_SAMPLERS, SearchSpec
@@ -89,30 +93,59 @@ def stop_reason(study: optuna.Study, delta: float, generations: int,
     return None
 
 
-def stopper(search: SearchSpec, sampler: optuna.samplers.BaseSampler | None = None) -> StopRule | None:
-    """The preset's rule as a ``study -> reason`` callable; ``None`` when early stopping is off.
+def budget_reason(study: optuna.Study, schedule: Sequence[FidelityStep], max_full_evaluations: int) -> str | None:
+    """Why the search should stop now: its complete and pruned trials read ``max_full_evaluations`` or more
+    searched windows at the full target length (the steps of ``schedule`` they reported; prefix rungs do not
+    count); ``None`` while they read fewer. Failed trials do not count: an interrupted trial runs again.
+
+    Checked before each trial is claimed, so the trial that crosses the budget finishes (with several
+    workers, so do the others' running ones) and the budget may be overshot by what they read.
+    """
+    trials = study.get_trials(deepcopy=False, states=EVALUATED)
+    spent = sum((trial_cost(trial, schedule) for trial in trials), TrialCost()).full_evaluations
+    if spent < max_full_evaluations:
+        return None
+    return f"{spent} full-length evaluations spent, the budget is {max_full_evaluations} (max_full_evaluations)"
+
+
+def stopper(search: SearchSpec, sampler: optuna.samplers.BaseSampler | None = None,
+            schedule: Sequence[FidelityStep] = ()) -> StopRule | None:
+    """The preset's rules as one ``study -> reason`` callable (the first rule that fires gives the reason);
+    ``None`` when early stopping and the budget of full-length evaluations are both off.
 
     ``sampler`` (the study's) gives the generation sizes when it is a
-    :class:`~hpo.sampler.LongRoPESampler` (see :func:`stop_reason`). The rule counts that sampler's
+    :class:`~hpo.sampler.LongRoPESampler` (see :func:`stop_reason`). The stall rule counts that sampler's
     generations: with another ``[search] sampler`` (TPE, CMA-ES, GP have none) it is off, and a warning
-    says so, so that ``--sampler`` works on presets that stop early.
+    says so, so that ``--sampler`` works on presets that stop early. ``schedule`` is the steps a trial is
+    measured in (:meth:`hpo.study.Workload.schedule`), which the budget counts in.
     """
-    if search.early_stop_generations is None:
+    rules: list[StopRule] = []
+    if search.early_stop_generations is not None:
+        if search.sampler in GENETIC_SAMPLERS:
+            size = sampler.generation_size if isinstance(sampler, LongRoPESampler) else None
+            rules.append(partial(stop_reason, delta=search.early_stop_delta,
+                                 generations=search.early_stop_generations, generation_size=size))
+        else:
+            logger.warning("early stopping counts the longrope sampler's generations; sampler %r has none: "
+                           "early_stop_generations is ignored", search.sampler)
+    if search.max_full_evaluations is not None:
+        if not schedule:
+            raise ValueError("a budget of full-length evaluations needs the schedule trials are measured in")
+        rules.append(partial(budget_reason, schedule=schedule, max_full_evaluations=search.max_full_evaluations))
+    if not rules:
         return None
-    if search.sampler not in GENETIC_SAMPLERS:
-        logger.warning("early stopping counts the longrope sampler's generations; sampler %r has none: "
-                       "early_stop_generations is ignored, the search runs n_trials", search.sampler)
-        return None
-    size = sampler.generation_size if isinstance(sampler, LongRoPESampler) else None
-    return partial(stop_reason, delta=search.early_stop_delta, generations=search.early_stop_generations,
-                   generation_size=size)
+    return rules[0] if len(rules) == 1 else partial(_first_reason, rules)
+
+
+def _first_reason(rules: Sequence[StopRule], study: optuna.Study) -> str | None:
+    return next((reason for rule in rules if (reason := rule(study)) is not None), None)
 
 
 def forget_stale_stop(study: optuna.Study, stop: StopRule | None) -> None:
     """Clear an ``early_stopped`` record that the current settings no longer support.
 
-    A study stopped early and run again with early stopping off, or with a longer window or a
-    smaller delta, goes on; its record must not claim a stop that did not happen.
+    A study stopped early and run again with early stopping off, or with a longer window, a
+    smaller delta or a larger budget, goes on; its record must not claim a stop that did not happen.
     """
     recorded = study.user_attrs.get(STOPPED_ATTR)
     if recorded and (stop is None or stop(study) is None):

@@ -245,14 +245,14 @@ def run_search_ray(study: optuna.Study, storage: RDBStorage, workload: Workload,
     """:func:`hpo.study.run_search` with Ray Tune placing the trials; call :func:`connect` first.
 
     Runs trials until the study holds ``preset.search.n_trials`` complete or pruned ones, or until
-    early stopping fires as it does locally, and none runs. Ctrl-C or SIGTERM raises
-    ``KeyboardInterrupt`` once the running trials are ended with :func:`~hpo.trials.interrupt_trial`
-    and Ray is shut down (its trial actors with it).
+    early stopping or the budget of full-length evaluations stops it as it does locally, and none runs.
+    Ctrl-C or SIGTERM raises ``KeyboardInterrupt`` once the running trials are ended with
+    :func:`~hpo.trials.interrupt_trial` and Ray is shut down (its trial actors with it).
     ``workload`` is the driver's (for the seeds' geometry); the workers load their own.
     Tune's own files go to ``out_dir/ray_results``.
     """
     trials = StudyTrials(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds),
-                         preset.search, progress)
+                         preset.search, workload.schedule(preset.search), progress)
     # Tune passes this on to its trainables: they stay in the driver's directory, so relative
     # model and data paths in a preset work as they do locally.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the study presets and exit")
     parser.add_argument("--n-trials", type=positive(int),
                         help="complete or pruned trials the study should hold (preset's default)")
+    parser.add_argument("--max-full-evaluations", type=positive(int),
+                        help="also stop once the finished trials read this many searched windows at the target "
+                             "length (prefix rungs not counted): a budget that counts what pruning saves")
     parser.add_argument("--storage", help="Optuna RDB URL, e.g. postgresql+psycopg://user@host/db "
                                           "(default: sqlite file in --out)")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/<study>)")
@@ -112,6 +115,7 @@ def print_presets() -> None:
 def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPreset:
     """``preset`` with the command line's overrides; options left out keep the preset's values."""
     return preset.replace(target_length=args.target_length, storage=args.storage, search__n_trials=args.n_trials,
+                          search__max_full_evaluations=args.max_full_evaluations,
                           search__seed=args.seed, search__sampler=args.sampler, data__samples=args.samples,
                           model__device=args.device, model__dtype=checked_dtype(args.dtype),
                           search__pruning=False if args.no_pruning else None)

@@ -438,11 +438,12 @@ def run_search(study: optuna.Study, storage: RDBStorage, workload: Workload, spa
     freed). Ctrl-C ends the running trial with :func:`~hpo.trials.interrupt_trial`; ``stop_signals``
     (:class:`~hpo.trials.StopSignals`) is checked before each claim, so a signal that Python dropped
     still stops the run. With ``[search] early_stop_generations`` they stop claiming sooner, once the
-    best value has stalled (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
+    best value has stalled, and with ``[search] max_full_evaluations`` once the finished trials read that many
+    searched windows in full (:mod:`hpo.early_stopping`; recorded in the study's ``early_stopped`` user attr).
     """
-    trials = StudyTrials(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds),
-                         preset.search, progress)
     schedule = workload.schedule(preset.search)
+    trials = StudyTrials(study, storage, space, workload.seeds(space, preset.search.hand_made_seeds),
+                         preset.search, schedule, progress)
     try:
         while True:
             if stop_signals is not None:

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -40,6 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from hpo.early_stopping import forget_stale_stop, stopper
+from hpo.pruning import FidelityStep
 from hpo.records import BUDGET, ERROR_ATTR, EVALUATED, INTERRUPTED_ATTR, STOPPED_ATTR, requeue
 from hpo.sampler import enqueue_seeds
 from hpo.search_space import RopeSearchSpace
@@ -305,7 +306,8 @@ class StudyTrials:
     """The trials one process runs on a study, from claim to record.
 
     - :meth:`claim` takes the next trial through :class:`~hpo.trials.TrialClaims` (``None`` once the
-      study holds ``n_trials`` running, complete or pruned trials, or once early stopping fires) and
+      study holds ``n_trials`` running, complete or pruned trials, or once early stopping or the budget of
+      full-length evaluations says stop) and
       starts its heartbeat in this process;
     - :meth:`report` records a step's running value and asks the study's pruner, never after the last
       step, where pruning would save nothing;
@@ -320,16 +322,18 @@ class StudyTrials:
         storage: its storage.
         space: the search space every trial is asked for.
         seeds: the trials that open the search (:meth:`hpo.study.Workload.seeds`), enqueued once per study.
-        search: the preset's search settings (``n_trials``, early stopping).
+        search: the preset's search settings (``n_trials``, early stopping, ``max_full_evaluations``).
+        schedule: the steps a trial is measured in (:meth:`hpo.study.Workload.schedule`): what the budget of
+            full-length evaluations counts.
         progress: show a progress bar over the budget.
     """
 
     def __init__(self, study: optuna.Study, storage: RDBStorage, space: RopeSearchSpace, seeds: list[RopeFactors],
-                 search: SearchSpec, progress: bool = True) -> None:
+                 search: SearchSpec, schedule: Sequence[FidelityStep], progress: bool = True) -> None:
         self.study = study
         self.n_trials = search.n_trials
         self._claims = open_claims(study, storage, space, seeds)
-        self._stop = stopper(search, study.sampler)
+        self._stop = stopper(search, study.sampler, schedule)
         with self._claims.locked():
             forget_stale_stop(study, self._stop)
         self._distributions = space.distributions()

@@ -115,6 +115,10 @@ class SearchSpec:
     # `early_stop_delta` (absolute) over the last `early_stop_generations` generations; None = off.
     early_stop_delta: float = 0.001
     early_stop_generations: int | None = None
+    # A budget in full-length evaluations (searched windows read at the target length; prefix rungs not counted):
+    # no new trial once the finished ones spent this many, whatever n_trials allows; None = off. With pruning,
+    # trials are not a fixed cost: this is the budget that compares with a search that measures every trial.
+    max_full_evaluations: int | None = None
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,9 @@ def _search_problems(search: SearchSpec) -> list[str]:
     if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
         problems.append(f"search.early_stop_generations must be a positive integer (or absent: off), "
                         f"got {patience!r}")
+    budget = search.max_full_evaluations
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        problems.append(f"search.max_full_evaluations must be a positive integer (or absent: off), got {budget!r}")
     return problems
 
 

@@ -1,4 +1,4 @@
-"""Early stopping (hpo/early_stopping.py): the rule on hand-built studies, presets, and a tiny run that stops."""
+"""Early stopping (hpo/early_stopping.py): the rules on hand-built studies, presets, and tiny runs that stop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
-from hpo.early_stopping import stop_reason
+from hpo.early_stopping import budget_reason, stop_reason
+from hpo.pruning import fidelity_schedule
 from hpo.records import GENERATION_KEY, STOPPED_ATTR
 from hpo.run import main
 from studies import PresetError, list_presets, load_preset
@@ -106,6 +107,8 @@ def test_paper_presets_stop_like_the_reference_and_the_cpu_ones_do_not():
     ("early_stop_generations = 0", "search.early_stop_generations must be a positive integer"),
     ("early_stop_generations = 2.5", "search.early_stop_generations must be a positive integer"),
     ("early_stop_generations = true", "search.early_stop_generations must be a positive integer"),
+    ("max_full_evaluations = 0", "search.max_full_evaluations must be a positive integer"),
+    ("max_full_evaluations = 2.5", "search.max_full_evaluations must be a positive integer"),
 ])
 def test_bad_early_stop_settings_are_rejected(tmp_path, line, message):
     path = tmp_path / "bad.toml"
@@ -178,3 +181,30 @@ def test_ray_backend_stops_asking_for_trials(tmp_path, capsys):
         assert len(optuna.load_study(study_name="tiny_flat", storage=f"sqlite:///{out / 'study.db'}").trials) == count
     finally:
         ray.shutdown()
+
+
+def test_the_budget_counts_full_length_windows_of_finished_trials():
+    schedule = fidelity_schedule([100, 100], prefixes=(0.5,))  # steps 50 (a prefix rung), 100 and 200
+    study = optuna.create_study()
+    for state, steps in ((TrialState.COMPLETE, (50, 100, 200)), (TrialState.PRUNED, (50,)),
+                         (TrialState.PRUNED, (50, 100)), (TrialState.FAIL, (50, 100, 200))):
+        study.add_trial(optuna.trial.create_trial(state=state, value=1.0 if state != TrialState.FAIL else None,
+                                                  intermediate_values={step: 1.0 for step in steps}))
+    # 2 windows of the complete trial and 1 of the trial pruned after its first window; not the failed one's
+    assert budget_reason(study, schedule, max_full_evaluations=3) == (
+        "3 full-length evaluations spent, the budget is 3 (max_full_evaluations)")
+    assert budget_reason(study, schedule, max_full_evaluations=4) is None
+
+
+def test_a_run_stops_at_its_budget_of_full_length_evaluations_and_goes_on_with_a_larger_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    command = ["--study", str(flat_preset(tmp_path, early_stop=False)), "--out", str(out), "--quiet"]
+    assert main([*command, "--max-full-evaluations", "5"]) == 0  # one searched window: one evaluation a trial
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name="tiny_flat", storage=storage)
+    assert len(study.trials) == 5 and study.user_attrs[STOPPED_ATTR].startswith("5 full-length evaluations spent")
+    assert "stopped early: 5 full-length evaluations spent, the budget is 5" in capsys.readouterr().out
+
+    assert main([*command, "--max-full-evaluations", "7"]) == 0
+    study = optuna.load_study(study_name="tiny_flat", storage=storage)
+    assert len(study.trials) == 7 and study.user_attrs[STOPPED_ATTR].startswith("7 full-length evaluations spent")

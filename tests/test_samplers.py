@@ -362,6 +362,23 @@ def test_the_sampler_benchmark_measures_pruned_samplers_against_the_plain_search
     assert TrialState.PRUNED not in states["tiny-longrope-seed0-unpruned"]
     assert TrialState.PRUNED in states["tiny-longrope-seed0"] | states["tiny-tpe-seed0"]
 
+    # a budget of full-length evaluations: the pruned run goes on past --n-trials until it read that many
+    # windows in full (steps 256 and 512: the two searched windows; 128 is the prefix rung), the reference not
+    def full_evaluations(name: str) -> tuple[int, int]:
+        trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db").trials
+        return len(trials), sum(step >= 256 for trial in trials for step in trial.intermediate_values)
+
+    reference = full_evaluations("tiny-longrope-seed0-unpruned")
+    trials, spent = full_evaluations("tiny-longrope-seed0")
+    assert bench.main(["--study", "tiny", "--n-trials", "10", "--samplers", "longrope", "--seeds", "0",
+                       "--unpruned-reference", "--prefixes", "0.5", "--max-full-evaluations", str(spent + 4),
+                       "--out", str(tmp_path)]) == 0
+    assert f"10 finished trials for the reference, {spent + 4} full-length evaluations for the others" \
+        in capsys.readouterr().out
+    longer, budget_spent = full_evaluations("tiny-longrope-seed0")
+    assert longer > trials and spent + 4 <= budget_spent <= spent + 5  # the last trial may read both windows
+    assert full_evaluations("tiny-longrope-seed0-unpruned") == reference
+
     # seed trials are copied only from a study under the same [search] settings: not from the pruned run
     # into a run without pruning
     assert bench.main(["--study", "tiny", "--n-trials", "10", "--samplers", "longrope", "--seeds", "1",
