@@ -172,10 +172,11 @@ def start_tokens_effect(studies: Sequence[optuna.Study]) -> go.Figure:
 def perplexity_vs_length(results: pd.DataFrame) -> go.Figure:
     """Perplexity against length, one line per method (and task: ``ppl`` solid, ``needle-ppl`` dashed).
 
-    Rows measuring the same (task, method, length) are pooled, weighted by tokens.
-    Raises ``ValueError`` when ``results`` has no perplexity rows.
+    Rows measuring the same (task, method, length) are pooled, weighted by tokens; rows of one range of
+    positions (a ``depth``) are left out, their window's row holds them. Raises ``ValueError`` when ``results``
+    has no perplexity rows.
     """
-    rows = results[results["perplexity"].notna()].copy()
+    rows = results[results["perplexity"].notna() & results["depth"].isna()].copy()
     if rows.empty:
         raise ValueError("the results hold no perplexity rows")
     rows["nll"] = rows["tokens"] * rows["perplexity"].map(math.log)

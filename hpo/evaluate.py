@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("ppl", "passkey", "needle-ppl", "ruler", *(RULER_PREFIX + task for task in RULER_TASKS))
 CONFIG_METHOD = "config"  # no patch: the RoPE the model's config defines
 DEFAULT_LENGTHS = [8192, 16384]
+POSITION_BLOCK = "ppl by position"  # the printed table's block of ppl rows per position range
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks. Each prepares its inputs once per length and returns a function that measures the model
 # with whatever RoPE it has at call time, so every candidate sees the same windows and prompts.
@@ -70,6 +71,7 @@ class TaskInputs:
     first_window: int = 0  # windows of the corpus to skip
     window_mode: str | None = None  # objectives.data.WINDOW_MODES; None: the corpus's own
     sliding_stride_tokens: int | None = None  # ppl: one sliding window over the stream instead of separate windows
+    position_bins: int = 1  # ppl: also a row per equal range of positions in the windows
     depth_bins: int = 5  # passkey: equal depth ranges the keys are drawn in
     needles: int = 4  # needle-ppl: needles per window
     seed: int = 0  # of the passkey keys and depths and the needles
@@ -89,12 +91,21 @@ def _perplexity_task(inputs: TaskInputs, model, tokenizer, length: int) -> Measu
                                mode=inputs.window_mode)
 
         def score(name: str) -> PerplexityResult:
-            return perplexity(model, windows, progress=inputs.progress, desc=f"{name}@{length}")
+            return perplexity(model, windows, progress=inputs.progress, desc=f"{name}@{length}",
+                              position_bins=inputs.position_bins)
 
     def measure(name: str) -> list[EvaluationRow]:
         result = score(name)
-        return [EvaluationRow(name, length, result.seconds, result.tokens, len(result.window_perplexities),
-                              task="ppl", perplexity=result.perplexity)]
+        windows_read = len(result.window_perplexities)
+        overall = EvaluationRow(name, length, result.seconds, result.tokens, windows_read, task="ppl",
+                                perplexity=result.perplexity)
+        if inputs.position_bins == 1:
+            return [overall]
+        # one row per position range, its depth the range's centre: where in the window the loss grows
+        return [overall, *(EvaluationRow(name, length, 0.0, tokens, windows_read, task="ppl", perplexity=value,
+                                         depth=(index + 0.5) / inputs.position_bins)
+                           for index, (tokens, value) in enumerate(zip(result.position_tokens,
+                                                                       result.position_perplexities, strict=True)))]
 
     return measure
 
@@ -236,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ppl: score the stream with a sliding window of each length moved by this stride "
                              "(over samples x length tokens) instead of separate windows; each window starts "
                              "with the tokenizer's BOS, as in the LongRoPE reference")
+    parser.add_argument("--position-bins", type=positive(int), default=1, metavar="N",
+                        help="ppl: also report the perplexity of each of N equal ranges of positions in the windows "
+                             "(a row per range, its depth the range's centre): where in a long window the loss grows")
     parser.add_argument("--original-length", type=int, default=None,
                         help="the model's pretrained window (default: the study's, else from the model config)")
     add_dtype_argument(parser, None, "model precision (default: with --study, the one the study ran in, else auto)")
@@ -268,6 +282,9 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
     tasks = _names(args.tasks, TASKS.__contains__, TASKS, "task")
     if not tasks:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
+    if args.position_bins > 1 and args.sliding_stride:
+        raise ValueError("--position-bins splits separate windows; a sliding window (--sliding-stride) scores each "
+                         "token at a different position: use one or the other")
     found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)
     args.model = args.model or study_model_name or DEFAULT_MODEL
     precision = checked_dtype(args.dtype) or (found.metadata.get("dtype") if found else None) or "auto"
@@ -285,6 +302,7 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
 
     inputs = TaskInputs(data=args.data, samples=args.samples, first_window=args.first_window,
                         window_mode=args.window_mode, sliding_stride_tokens=args.sliding_stride,
+                        position_bins=args.position_bins,
                         depth_bins=args.depth_bins, needles=args.needles, seed=args.seed,
                         progress=not args.no_progress)
     return evaluate(model, tokenizer, geometry, methods, extra, tasks, lengths, inputs)
@@ -299,6 +317,8 @@ def describe(row: EvaluationRow) -> str:
     where = f"{row.method} {row.task}@{row.length}"
     if row.task == "passkey":
         return f"{where} depth {row.depth:.2f}: accuracy {row.accuracy:.2f} of {row.windows} ({row.seconds:.1f}s)"
+    if row.depth is not None:
+        return f"{where} positions around {row.depth:.1%} of the window: perplexity {row.perplexity:.3f}"
     if row.accuracy is not None:
         return f"{where}: score {row.accuracy:.2f} over {row.windows} samples ({row.seconds:.1f}s)"
     return f"{where}: perplexity {row.perplexity:.3f} ({row.seconds:.1f}s)"
@@ -308,8 +328,11 @@ def format_table(rows: list[EvaluationRow]) -> str:
     """One block per task: methods down, lengths across.
 
     Perplexity cells read ``perplexity (seconds)``; passkey cells ``accuracy% (seconds)``
-    over all depths of that length.
+    over all depths of that length. Perplexity by position range (``ppl`` rows with a depth) is a block of its own.
     """
+    rows = [EvaluationRow(f"{r.method} @{r.depth:.1%}", r.length, r.seconds, r.tokens, r.windows, task=POSITION_BLOCK,
+                          perplexity=r.perplexity, dtype=r.dtype) if r.task == "ppl" and r.depth is not None else r
+            for r in rows]
     blocks = []
     for task in dict.fromkeys(row.task for row in rows):
         task_rows = [row for row in rows if row.task == task]
@@ -324,6 +347,9 @@ def format_table(rows: list[EvaluationRow]) -> str:
             cells = {(r.method, r.length): f"{100 * r.accuracy:5.1f}% of {r.windows} ({r.seconds:5.0f}s)"
                      for r in task_rows}
             title = f"{task}: score over samples (seconds)"
+        elif task == POSITION_BLOCK:
+            cells = {(r.method, r.length): f"{r.perplexity:8.2f}" for r in task_rows}
+            title = f"{task}: perplexity of the tokens around that share of the window"
         else:
             cells = {(r.method, r.length): f"{r.perplexity:8.2f} ({r.seconds:6.1f}s)" for r in task_rows}
             title = f"{task}: perplexity (seconds)"

@@ -457,8 +457,9 @@ class EvaluationRow:
 
     ``perplexity`` is set for ``ppl`` and ``needle-ppl``, ``accuracy`` and ``depth``
     (the centre of the depth bin, 0 = top of the context) for ``passkey``, ``accuracy`` (RULER's score) for
-    a RULER task ``ruler:NAME``; the others are None. ``windows`` counts the windows, prompts or samples
-    measured, ``dtype`` the precision.
+    a RULER task ``ruler:NAME``; the others are None. A ``ppl`` row with a ``depth`` is one range of positions
+    (centred there) of the ``ppl`` row without one: readers pool only the latter. ``windows`` counts the
+    windows, prompts or samples measured, ``dtype`` the precision.
     """
 
     method: str

@@ -25,16 +25,24 @@ DEFAULT_CHUNK_TOKENS = 2048
 
 @dataclass
 class PerplexityResult:
-    """Token-weighted perplexity over windows, and each window's own."""
+    """Token-weighted perplexity over windows, each window's own and (with position bins) each position range's."""
 
     nll_sum: float
     tokens: int
     seconds: float
     window_perplexities: list[float] = field(default_factory=list)
+    position_nll_sums: list[float] = field(default_factory=list)
+    position_tokens: list[int] = field(default_factory=list)
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll_sum / self.tokens)
+
+    @property
+    def position_perplexities(self) -> list[float]:
+        """Perplexity of the tokens in each of the equal position ranges, the window's start first (NaN: none)."""
+        return [math.exp(nll / count) if count else math.nan
+                for nll, count in zip(self.position_nll_sums, self.position_tokens, strict=True)]
 
 
 @contextmanager
@@ -59,10 +67,10 @@ def layer_progress(model: nn.Module, desc: str, enabled: bool = True) -> Iterato
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
-               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None) -> tuple[float, int]:
-    """Summed NLL of the scored tokens of one window, and how many were scored.
+def token_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scored token's NLL (float64, on the CPU) and its index in the window.
 
     Tokens ``score_from..T-1`` are scored (token ``t`` is predicted from positions
     ``< t``, so ``score_from >= 1``); ``score_mask`` (bool, one per token) narrows
@@ -80,30 +88,51 @@ def window_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
     hidden = model.get_decoder()(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    nll = 0.0
-    positions = torch.nonzero(scored).flatten() - 1  # hidden state t-1 predicts token t
-    for start in range(0, positions.numel(), chunk_tokens):
-        rows = positions[start:start + chunk_tokens].to(hidden.device)
+    targets = torch.nonzero(scored).flatten()
+    losses = [torch.zeros(0, dtype=torch.float64)]
+    for start in range(0, targets.numel(), chunk_tokens):
+        rows = targets[start:start + chunk_tokens].to(hidden.device) - 1  # hidden state t-1 predicts token t
         logits = head(hidden[rows]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        nll += F.cross_entropy(logits, ids[0, rows + 1], reduction="sum").item()
-    return nll, positions.numel()
+        losses.append(F.cross_entropy(logits, ids[0, rows + 1], reduction="none").double().cpu())
+    return torch.cat(losses), targets
+
+
+def window_nll(model: nn.Module, input_ids: torch.Tensor, score_from: int = 1,
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, score_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed NLL of the scored tokens of one window (see :func:`token_nll`), and how many were scored."""
+    nll, targets = token_nll(model, input_ids, score_from, chunk_tokens, score_mask, position_ids)
+    return nll.sum().item(), targets.numel()
 
 
 def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], *, progress: bool = True,
                desc: str = "perplexity", chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-               score_masks: Sequence[torch.Tensor] | None = None) -> PerplexityResult:
-    """Perplexity of ``model`` over windows: every token after the first, or those in ``score_masks``."""
+               score_masks: Sequence[torch.Tensor] | None = None, position_bins: int = 1) -> PerplexityResult:
+    """Perplexity of ``model`` over windows: every token after the first, or those in ``score_masks``.
+
+    ``position_bins`` splits each window into that many equal ranges of positions and keeps the loss of each,
+    pooled over the windows: where in a long window an extension loses.
+    """
+    if position_bins < 1:
+        raise ValueError(f"position_bins must be >= 1, got {position_bins}")
     started = time.perf_counter()
-    result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0)
+    result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0, position_nll_sums=[0.0] * position_bins,
+                              position_tokens=[0] * position_bins)
     for index, window in enumerate(windows):
         mask = None if score_masks is None else score_masks[index]
         with layer_progress(model, f"{desc} [{index + 1}/{len(windows)}, {window.numel():,} tok]", progress):
-            nll, count = window_nll(model, window, chunk_tokens=chunk_tokens, score_mask=mask)
-        result.nll_sum += nll
-        result.tokens += count
-        result.window_perplexities.append(math.exp(nll / count))
+            nll, targets = token_nll(model, window, chunk_tokens=chunk_tokens, score_mask=mask)
+        window_nll_sum = nll.sum().item()
+        result.nll_sum += window_nll_sum
+        result.tokens += targets.numel()
+        result.window_perplexities.append(math.exp(window_nll_sum / targets.numel()))
+        bins = targets * position_bins // window.numel()
+        for position_bin in range(position_bins):
+            in_bin = bins == position_bin
+            result.position_nll_sums[position_bin] += nll[in_bin].sum().item()
+            result.position_tokens[position_bin] += int(in_bin.sum())
     result.seconds = time.perf_counter() - started
     return result
 

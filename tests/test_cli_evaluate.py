@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -47,6 +48,20 @@ def test_a_hand_made_curve_by_its_table_name():
     assert perplexities["yarn"] == perplexities["yarn (32/1)"]  # the default betas are 32/1
 
 
+def test_position_bins_split_the_window_and_pool_back_to_its_perplexity(tmp_path):
+    out = tmp_path / "results.json"
+    result = evaluate(*SHORT, "--methods", "pi", "--position-bins", "2", "--json", str(out), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    whole = [row for row in rows if row["depth"] is None]
+    bins = sorted((row for row in rows if row["depth"] is not None), key=lambda row: row["depth"])
+    assert len(whole) == 1 and [row["depth"] for row in bins] == [0.25, 0.75]
+    assert [row["tokens"] for row in bins] == [2 * 127, 2 * 128]  # token 0 of each window is never scored
+    pooled = sum(row["tokens"] * math.log(row["perplexity"]) for row in bins) / whole[0]["tokens"]
+    assert math.exp(pooled) == pytest.approx(whole[0]["perplexity"], rel=1e-9)
+    assert "ppl by position" in result.stdout and "pi @25.0%" in result.stdout and "pi @75.0%" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -54,6 +69,7 @@ def test_a_hand_made_curve_by_its_table_name():
         (["--factors", "missing.json"], "does not exist"),
         (["--lengths", "400000"], "text too short"),
         (["--data", "no/such/corpus.txt"], "unknown corpus"),
+        (["--position-bins", "4", "--sliding-stride", "64"], "use one or the other"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):

@@ -34,6 +34,22 @@ def test_perplexity_is_token_weighted_over_windows(model, input_ids):
     assert len(result.window_perplexities) == 2
 
 
+def test_position_bins_hold_each_range_of_positions(model, input_ids):
+    windows = [input_ids[0, :40], input_ids[0, 40:80]]
+    result = perplexity(model, windows, progress=False, position_bins=4)
+    assert result.position_tokens == [2 * 9, 2 * 10, 2 * 10, 2 * 10]  # position 0 is never scored
+    assert sum(result.position_nll_sums) == pytest.approx(result.nll_sum, rel=1e-12)
+    whole = perplexity(model, windows, progress=False)
+    assert result.perplexity == pytest.approx(whole.perplexity, rel=1e-12)
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(w[None]).logits[0, :-1], w[1:], reduction="none")
+                  for w in windows]
+    last_quarter = torch.cat([loss[29:] for loss in losses])  # tokens 30..39 are predicted by positions 29..38
+    assert result.position_perplexities[3] == pytest.approx(math.exp(last_quarter.mean().item()), rel=1e-5)
+    with pytest.raises(ValueError, match="position_bins"):
+        perplexity(model, windows, progress=False, position_bins=0)
+
+
 def test_sliding_window_scores_each_token_once(model, input_ids):
     stream = input_ids[0]
     result = sliding_window_perplexity(model, stream, window=64, stride=32, progress=False)
