@@ -85,7 +85,8 @@ def _perplexity_task(inputs: TaskInputs, model, tokenizer, length: int) -> Measu
 
         def score(name: str) -> PerplexityResult:
             return sliding_window_perplexity(model, stream, length, inputs.sliding_stride_tokens,
-                                             bos_token_id=tokenizer.bos_token_id, progress=inputs.progress)
+                                             bos_token_id=tokenizer.bos_token_id, progress=inputs.progress,
+                                             position_bins=inputs.position_bins)
     else:
         windows = load_windows(inputs.data, tokenizer, length, inputs.samples, first_window=inputs.first_window,
                                mode=inputs.window_mode)
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the tokenizer's BOS, as in the LongRoPE reference")
     parser.add_argument("--position-bins", type=positive(int), default=1, metavar="N",
                         help="ppl: also report the perplexity of each of N equal ranges of positions in the windows "
-                             "(a row per range, its depth the range's centre): where in a long window the loss grows")
+                             "(with --sliding-stride, in the stream read), a row per range, its depth the range's "
+                             "centre: where in a long window the loss grows")
     parser.add_argument("--original-length", type=int, default=None,
                         help="the model's pretrained window (default: the study's, else from the model config)")
     add_dtype_argument(parser, None, "model precision (default: with --study, the one the study ran in, else auto)")
@@ -282,9 +284,6 @@ def run(args: argparse.Namespace) -> list[EvaluationRow]:
     tasks = _names(args.tasks, TASKS.__contains__, TASKS, "task")
     if not tasks:
         raise ValueError(f"--tasks is empty; choose from {', '.join(TASKS)}")
-    if args.position_bins > 1 and args.sliding_stride:
-        raise ValueError("--position-bins splits separate windows; a sliding window (--sliding-stride) scores each "
-                         "token at a different position: use one or the other")
     found, study_model_name = study_factors(args.study, args.storage, args.out) if args.study else (None, None)
     args.model = args.model or study_model_name or DEFAULT_MODEL
     precision = checked_dtype(args.dtype) or (found.metadata.get("dtype") if found else None) or "auto"

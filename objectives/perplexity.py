@@ -38,6 +38,28 @@ class PerplexityResult:
     def perplexity(self) -> float:
         return math.exp(self.nll_sum / self.tokens)
 
+    @classmethod
+    def empty(cls, position_bins: int = 1) -> PerplexityResult:
+        """Nothing counted yet, with ``position_bins`` equal ranges of positions to count into."""
+        if position_bins < 1:
+            raise ValueError(f"position_bins must be >= 1, got {position_bins}")
+        return cls(nll_sum=0.0, tokens=0, seconds=0.0, position_nll_sums=[0.0] * position_bins,
+                   position_tokens=[0] * position_bins)
+
+    def add_window(self, nll: torch.Tensor, positions: torch.Tensor, span: int) -> None:
+        """Count one window's scored tokens: ``nll`` of each, at ``positions`` in ``0..span-1``, which the
+        position ranges divide."""
+        window_nll_sum = nll.sum().item()
+        self.nll_sum += window_nll_sum
+        self.tokens += nll.numel()
+        self.window_perplexities.append(math.exp(window_nll_sum / nll.numel()))
+        bins = len(self.position_tokens)
+        which = positions * bins // span
+        for position_bin in range(bins):
+            in_bin = which == position_bin
+            self.position_nll_sums[position_bin] += nll[in_bin].sum().item()
+            self.position_tokens[position_bin] += int(in_bin.sum())
+
     @property
     def position_perplexities(self) -> list[float]:
         """Perplexity of the tokens in each of the equal position ranges, the window's start first (NaN: none)."""
@@ -115,31 +137,21 @@ def perplexity(model: nn.Module, windows: Sequence[torch.Tensor], *, progress: b
     ``position_bins`` splits each window into that many equal ranges of positions and keeps the loss of each,
     pooled over the windows: where in a long window an extension loses.
     """
-    if position_bins < 1:
-        raise ValueError(f"position_bins must be >= 1, got {position_bins}")
+    result = PerplexityResult.empty(position_bins)
     started = time.perf_counter()
-    result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0, position_nll_sums=[0.0] * position_bins,
-                              position_tokens=[0] * position_bins)
     for index, window in enumerate(windows):
         mask = None if score_masks is None else score_masks[index]
         with layer_progress(model, f"{desc} [{index + 1}/{len(windows)}, {window.numel():,} tok]", progress):
             nll, targets = token_nll(model, window, chunk_tokens=chunk_tokens, score_mask=mask)
-        window_nll_sum = nll.sum().item()
-        result.nll_sum += window_nll_sum
-        result.tokens += targets.numel()
-        result.window_perplexities.append(math.exp(window_nll_sum / targets.numel()))
-        bins = targets * position_bins // window.numel()
-        for position_bin in range(position_bins):
-            in_bin = bins == position_bin
-            result.position_nll_sums[position_bin] += nll[in_bin].sum().item()
-            result.position_tokens[position_bin] += int(in_bin.sum())
+        result.add_window(nll, targets, window.numel())
     result.seconds = time.perf_counter() - started
     return result
 
 
 def sliding_window_perplexity(model: nn.Module, stream: torch.Tensor, window: int, stride: int, *,
                               max_tokens: int | None = None, bos_token_id: int | None = None,
-                              progress: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> PerplexityResult:
+                              progress: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                              position_bins: int = 1) -> PerplexityResult:
     """Perplexity of a long stream read in windows of ``window`` tokens moved by ``stride``.
 
     Each token is scored once; a window's stream tokens before the last ``stride``
@@ -149,7 +161,8 @@ def sliding_window_perplexity(model: nn.Module, stream: torch.Tensor, window: in
     (``evaluation/perplexity.py``) measures: BOS is prepended, never scored, and
     the stream's first token is scored as predicted from BOS alone. The model then
     sees a sequence start at position 0, as in pretraining, rather than text cut
-    mid-sentence.
+    mid-sentence. ``position_bins`` divides the stream (not each window) into equal ranges of positions, so
+    they hold the same tokens as :func:`perplexity`'s ranges of one window the length of the stream.
     """
     bos = [] if bos_token_id is None else [bos_token_id]
     body = window - len(bos)  # stream tokens per window
@@ -160,18 +173,18 @@ def sliding_window_perplexity(model: nn.Module, stream: torch.Tensor, window: in
     end_of_stream = stream.numel() if max_tokens is None else min(stream.numel(), max_tokens)
     if end_of_stream < body:
         raise ValueError(f"text too short: {end_of_stream:,} tokens for a window of {window:,}")
+    result = PerplexityResult.empty(position_bins)
     started = time.perf_counter()
-    result = PerplexityResult(nll_sum=0.0, tokens=0, seconds=0.0)
     scored_until = 0
     starts = list(range(0, end_of_stream - body + 1, stride))
+    if starts[-1] + body < end_of_stream:  # a last window flush with the end, so the stream's tail is scored too
+        starts.append(end_of_stream - body)
     for step, begin in enumerate(starts):
         chunk = torch.cat([torch.tensor(bos, dtype=stream.dtype), stream[begin:begin + body]])
         score_from = scored_until - begin + len(bos)  # tokens before this were scored by an earlier window
         with layer_progress(model, f"sliding window [{step + 1}/{len(starts)}]", progress):
-            nll, count = window_nll(model, chunk, score_from=score_from, chunk_tokens=chunk_tokens)
-        result.nll_sum += nll
-        result.tokens += count
-        result.window_perplexities.append(math.exp(nll / count))
+            nll, targets = token_nll(model, chunk, score_from=score_from, chunk_tokens=chunk_tokens)
+        result.add_window(nll, begin + targets - len(bos), end_of_stream)
         scored_until = begin + body
     result.seconds = time.perf_counter() - started
     return result

@@ -69,7 +69,6 @@ def test_position_bins_split_the_window_and_pool_back_to_its_perplexity(tmp_path
         (["--factors", "missing.json"], "does not exist"),
         (["--lengths", "400000"], "text too short"),
         (["--data", "no/such/corpus.txt"], "unknown corpus"),
-        (["--position-bins", "4", "--sliding-stride", "64"], "use one or the other"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):

@@ -61,6 +61,18 @@ def test_sliding_window_scores_each_token_once(model, input_ids):
     assert result.perplexity != pytest.approx(separate.perplexity, rel=1e-9)
 
 
+def test_sliding_window_position_bins_divide_the_stream(model, input_ids):
+    stream = input_ids[0, :192]
+    separate = sliding_window_perplexity(model, stream, window=64, stride=64, progress=False, position_bins=3)
+    for position_bin in range(3):  # each range is one of the separate windows
+        alone = perplexity(model, [stream[64 * position_bin:64 * (position_bin + 1)]], progress=False)
+        assert separate.position_perplexities[position_bin] == pytest.approx(alone.perplexity, rel=1e-9)
+    overlapping = sliding_window_perplexity(model, stream, window=64, stride=16, progress=False, position_bins=4,
+                                            bos_token_id=0)
+    assert overlapping.position_tokens == [48, 48, 48, 48]  # every token scored once (the tail by a last window)
+    assert sum(overlapping.position_nll_sums) == pytest.approx(overlapping.nll_sum, rel=1e-12)
+
+
 def test_sliding_window_rejects_short_text_and_bad_stride(model, input_ids):
     with pytest.raises(ValueError, match="too short"):
         sliding_window_perplexity(model, input_ids[0, :10], window=64, stride=32, progress=False)
@@ -137,8 +149,11 @@ def test_sliding_windows_each_start_with_bos(model, input_ids):
         sliding_window_perplexity(model, stream, window=64, stride=32, bos_token_id=5, progress=False)
     finally:
         handle.remove()
-    assert len(seen) == len(range(0, stream.numel() - 63 + 1, 32))
-    for step, window in enumerate(seen):  # BOS prepended to the next 63 tokens, none replaced
-        assert window.tolist() == [5, *stream[32 * step:32 * step + 63].tolist()]
+    starts = list(range(0, stream.numel() - 63 + 1, 32))
+    if starts[-1] + 63 < stream.numel():  # the last window ends flush with the stream
+        starts.append(stream.numel() - 63)
+    assert len(seen) == len(starts)
+    for start, window in zip(starts, seen, strict=True):  # BOS prepended to the next 63 tokens, none replaced
+        assert window.tolist() == [5, *stream[start:start + 63].tolist()]
     with pytest.raises(ValueError, match=r"stride <= window - 1 \(BOS takes one\)"):
         sliding_window_perplexity(model, stream, window=64, stride=64, bos_token_id=5, progress=False)
