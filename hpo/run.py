@@ -121,8 +121,8 @@ def apply_overrides(preset: StudyPreset, args: argparse.Namespace) -> StudyPrese
                           search__pruning=False if args.no_pruning else None)
 
 
-@command(interrupted="every finished trial is in the storage, and the running one's parameters are queued to "
-                     "run first; run the same command to continue", more_errors=(BackendError,))
+@command(interrupted="every finished trial and comparison figure is in the storage, and a trial cut short is "
+                     "queued to run first; run the same command to continue", more_errors=(BackendError,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with StopSignals() as stop_signals:  # SIGTERM (a scheduler, `kill`) ends the run as Ctrl-C does
