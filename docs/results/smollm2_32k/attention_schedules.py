@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 
 import torch
 
@@ -22,7 +21,7 @@ from models.loading import load_model
 from models.patch import apply_factors
 from models.rope import RopeFactors, RopeGeometry
 from objectives.data import EMBEDDED_CORPUS, load_windows
-from objectives.perplexity import PerplexityResult, token_nll
+from objectives.perplexity import perplexity
 
 ORIGINAL_LENGTH = 8192
 
@@ -47,13 +46,10 @@ def main(length: int, schedule: str, factor_file: str) -> None:
         for layer in model.get_decoder().layers:
             layer.self_attn.q_proj.register_forward_hook(scale_queries)
     window = load_windows(EMBEDDED_CORPUS, tokenizer, 32768, 1, first_window=2)[0][:length]
-    result = PerplexityResult.empty(length // 4096)
-    started = time.time()
-    nll, targets = token_nll(model, window)
-    result.add_window(nll, targets, window.numel())
+    result = perplexity(model, [window], progress=False, position_bins=length // 4096)
     print(json.dumps({"variant": schedule, "factors": factor_file, "length": length, "window": 2, "data": "essays",
                       "ppl": result.perplexity, "bins": [round(p, 3) for p in result.position_perplexities],
-                      "s": round(time.time() - started, 1)}))
+                      "s": round(result.seconds, 1)}))
 
 
 if __name__ == "__main__":
