@@ -8,7 +8,9 @@ reach for the network or cost more than a CPU has, and are changed here before a
   it reads our embedded essays instead, the same texts;
 - ``prepare_niah`` looks up NLTK's ``punkt_tab`` sentence model, which no package on PyPI ships: it gets an
   empty one in the cache directory, which splits sentences on ``. ! ?`` (it only moves where needles go);
-- every task builds 500 samples per length whatever ``limit`` says (minutes on a CPU): capped at ``limit``.
+- every task builds 500 samples per length whatever ``limit`` says (minutes on a CPU): capped at ``limit``;
+- variable tracking retries forever, deaf to Ctrl-C, when its smallest sample is longer than the length asked:
+  that length is refused with a :class:`RulerError` first.
 
 A task's score is the fraction of the expected strings found in the generations (RULER's string match).
 """
@@ -16,6 +18,7 @@ A task's score is the fraction of the expected strings found in the generations 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import re
 import tempfile
@@ -73,6 +76,33 @@ def _capped(build: Callable[..., Any], samples: int) -> Callable[..., Any]:
     return build_fewer
 
 
+def _refusing_unfittable_lengths(build: Callable[..., Any]) -> Callable[..., Any]:
+    """lm-eval's variable-tracking builder, refusing a length its smallest sample (``incremental`` noise
+    sentences, the in-context example, the answer) does not fit: there its sample loop never ends, and a bare
+    ``except`` in it swallows even KeyboardInterrupt."""
+    signature = inspect.signature(build)
+
+    @functools.wraps(build)
+    def build_if_it_fits(*args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        given = arguments.arguments
+        tokenizer, example = given["tokenizer"], given["icl_example"]
+        with_example = given["add_fewshot"] and example is not None
+        is_icl = given["add_fewshot"] and not with_example  # the call that builds the in-context example
+        text, answer = build.__globals__["generate_input_output"](
+            given["incremental"], given["num_chains"], given["num_hops"], is_icl=is_icl)
+        needed_tokens = len(tokenizer(f"{text} {answer}").input_ids) + given["tokens_to_generate"]
+        if with_example:
+            needed_tokens += len(tokenizer(f"{example['input']} {' '.join(example['outputs'])}\n\n").input_ids)
+        if needed_tokens > given["max_seq_length"]:
+            raise RulerError(f"ruler_vt's smallest sample takes {needed_tokens:,} tokens with this tokenizer, "
+                             f"more than the {given['max_seq_length']:,} asked: ask a longer length")
+        return build(*args, **kwargs)
+
+    return build_if_it_fits
+
+
 def prepare_offline(essays: Sequence[str], samples: int) -> None:
     """Point lm-eval's RULER tasks at ``essays`` and build at most ``samples`` samples per task and length.
 
@@ -95,7 +125,11 @@ def prepare_offline(essays: Sequence[str], samples: int) -> None:
     prepare_niah.get_haystack = modules["niah_utils"].get_haystack = get_haystack
     for name, function in SAMPLE_BUILDERS.items():
         build = getattr(modules[name], function)
-        setattr(modules[name], function, _capped(getattr(build, "__wrapped__", build), samples))
+        while hasattr(build, "__wrapped__"):  # a module prepared by an earlier call
+            build = build.__wrapped__
+        if name == "vt_utils":
+            build = _refusing_unfittable_lengths(build)
+        setattr(modules[name], function, _capped(build, samples))
 
 
 def parse_results(output: dict[str, Any], length: int) -> list[tuple[str, float, int]]:

@@ -50,3 +50,13 @@ def test_ruler_tasks_run_offline_through_the_evaluation_entry_point(tmp_path, ca
 def test_an_unknown_ruler_task_is_a_one_line_error(capsys):
     assert hpo.evaluate.main(["--model", "tiny-random-llama", "--tasks", "ruler:qa_squad"]) == 2
     assert "unknown task(s) ruler:qa_squad" in capsys.readouterr().err
+
+
+def test_a_length_too_short_for_variable_tracking_is_a_one_line_error(capsys, monkeypatch):
+    # lm-eval's own builder would retry forever at this length (its smallest sample with the in-context example
+    # is ~850 tokens), deaf to Ctrl-C
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hpo.evaluate.main(["--model", "tiny-random-llama", "--methods", "none", "--lengths", "512",
+                              "--tasks", "ruler:ruler_vt", "--limit", "1", "--no-progress"]) == 2
+    assert "ruler_vt's smallest sample takes" in capsys.readouterr().err
