@@ -14,34 +14,43 @@ from typing import Any
 import numpy as np
 import torch
 
-LOGITS_CHUNK_TOKENS = 1024  # log-softmax in chunks: a 16k window of 49k-way logits is 3 GiB at once
+BATCH_TOKENS = 512  # tokens decoded, and logits held, at once: 512 x a 152k vocabulary is 300 MiB
 
 
 def load_gguf_runtime(path: str | Path, context_tokens: int, **context_params: Any):
-    """A ``llama_cpp.Llama`` over ``path`` that keeps every position's logits.
+    """A ``llama_cpp.Llama`` over ``path`` for :func:`gguf_nll`.
 
     ``context_params`` go to ``Llama`` as they are (llama.cpp's own RoPE scaling, for instance:
-    ``rope_scaling_type``, ``rope_freq_scale``, ``yarn_orig_ctx``).
+    ``rope_scaling_type``, ``rope_freq_scale``, ``yarn_orig_ctx``). Without ``logits_all`` its score buffer
+    holds one batch's logits, not the whole context's (32k tokens of a 49k vocabulary: 6 GiB).
     """
     from llama_cpp import Llama  # imported here: only GGUF evaluation needs the compiled runtime
 
-    return Llama(model_path=str(path), n_ctx=context_tokens, n_batch=min(context_tokens, 2048),
-                 n_ubatch=512, logits_all=True, n_threads=os.cpu_count(), verbose=False, **context_params)
+    return Llama(model_path=str(path), n_ctx=context_tokens, n_batch=min(context_tokens, BATCH_TOKENS),
+                 n_ubatch=BATCH_TOKENS, n_threads=os.cpu_count(), verbose=False, **context_params)
 
 
 def gguf_nll(runtime: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of each token after the first of one window, as llama.cpp computes it."""
+    """Negative log-likelihood of each token after the first of one window, as llama.cpp computes it.
+
+    ``Llama.eval`` keeps every position's logits only with ``logits_all`` (n_ctx x vocab floats at once), so
+    this decodes the window batch by batch itself, asking llama.cpp for every logit of a batch and scoring
+    it before the next (through llama-cpp-python's own batch and context, pinned in constraints.txt).
+    """
     tokens = input_ids.reshape(-1).tolist()
     if len(tokens) > runtime.n_ctx():
         raise ValueError(f"a {len(tokens):,}-token window does not fit llama.cpp's {runtime.n_ctx():,}-token context")
-    runtime.reset()  # eval then drops the whole KV cache: a previous window must not leak into this one
-    runtime.eval(tokens)
+    runtime._ctx.kv_cache_seq_rm(-1, 0, -1)  # a previous window must not leak into this one
     losses = []
-    for start in range(0, len(tokens) - 1, LOGITS_CHUNK_TOKENS):
-        stop = min(start + LOGITS_CHUNK_TOKENS, len(tokens) - 1)
-        logits = torch.from_numpy(np.asarray(runtime.scores[start:stop], dtype=np.float32))
-        targets = torch.tensor(tokens[start + 1:stop + 1])
-        losses.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none"))
+    for start in range(0, len(tokens) - 1, runtime.n_batch):
+        batch = tokens[start:start + runtime.n_batch]
+        runtime._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+        runtime._ctx.decode(runtime._batch)
+        logits = np.ctypeslib.as_array(runtime._ctx.get_logits(), shape=(len(batch), runtime.n_vocab()))
+        targets = torch.tensor(tokens[start + 1:start + len(batch) + 1])
+        # the last token of the window has no target: its logits row is dropped
+        losses.append(torch.nn.functional.cross_entropy(torch.from_numpy(logits[:len(targets)]), targets,
+                                                        reduction="none"))
     return torch.cat(losses)
 
 

@@ -17,7 +17,7 @@ from models.loading import gguf_file, load_model
 from models.patch import patched
 from models.rope import RopeFactors, RopeGeometry
 from objectives.data import load_windows
-from objectives.llamacpp import gguf_nll, load_gguf_runtime
+from objectives.llamacpp import BATCH_TOKENS, gguf_nll, load_gguf_runtime
 from objectives.perplexity import perplexity
 
 TINY_TARGET = 256
@@ -42,6 +42,12 @@ def searched_like(geometry: RopeGeometry, target: int, attention_scaling: float)
     return RopeFactors(bent, geometry.original_length, target, attention_scaling=attention_scaling)
 
 
+def transformers_nll(model, factors: RopeFactors, ids: torch.Tensor) -> torch.Tensor:
+    with patched(model, factors), torch.no_grad():
+        hidden = model.model(ids).last_hidden_state[0]
+        return torch.nn.functional.cross_entropy(model.lm_head(hidden[:-1]), ids[0, 1:], reduction="none")
+
+
 def fields(path) -> dict:
     reader = gguf.GGUFReader(path)
     return {"reader": reader, **{k: reader.fields[k].contents() for k in rope_keys("llama").values()}}
@@ -58,15 +64,24 @@ def test_a_converted_model_carries_the_factors_and_runs_in_llama_cpp_as_in_trans
     np.testing.assert_allclose(freqs.data, factors.rescale_factors, rtol=1e-6)
 
     ids = torch.randint(0, 2000, (1, TINY_TARGET), generator=torch.Generator().manual_seed(3))
-    with patched(model, factors), torch.no_grad():
-        hidden = model.model(ids).last_hidden_state[0]
-        ours = torch.nn.functional.cross_entropy(model.lm_head(hidden[:-1]), ids[0, 1:], reduction="none")
+    ours = transformers_nll(model, factors, ids)
     theirs = gguf_nll(load_gguf_runtime(path, TINY_TARGET), ids)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3)
     for wrong in (dataclasses.replace(factors, attention_scaling=1.0),  # each part of the export matters
                   dataclasses.replace(factors, rescale_factors=(1.0,) * factors.num_factors)):
         other = model_to_gguf(model, tokenizer, tmp_path / "other.gguf", wrong)
         assert (gguf_nll(load_gguf_runtime(other, TINY_TARGET), ids) - ours).abs().max() > 0.1
+
+
+def test_a_window_of_several_batches_scores_every_token_once_and_the_next_window_starts_afresh(tiny, tmp_path):
+    model, tokenizer = tiny
+    length = 2 * BATCH_TOKENS + 7  # two whole batches and part of a third
+    factors = searched_like(RopeGeometry.from_config(model.config), length, attention_scaling=1.2)
+    runtime = load_gguf_runtime(model_to_gguf(model, tokenizer, tmp_path / "tiny.gguf", factors), length)
+    ids = torch.randint(0, 2000, (1, length), generator=torch.Generator().manual_seed(4))
+    first = gguf_nll(runtime, ids)
+    torch.testing.assert_close(first, transformers_nll(model, factors, ids), rtol=0, atol=5e-3)
+    torch.testing.assert_close(gguf_nll(runtime, ids), first, rtol=0, atol=1e-5)
 
 
 def test_copying_a_gguf_keeps_every_tensor_and_replaces_the_rope_fields(tiny, tmp_path):
