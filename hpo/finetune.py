@@ -48,6 +48,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -221,8 +222,10 @@ def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise FinetuneError("LoRA needs peft: pip install 'longrope-hpo[lora]'") from None
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated name; nothing for a user to change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
