@@ -30,11 +30,8 @@ from objectives.llamacpp import BATCH_TOKENS, gguf_nll, load_gguf_runtime
 def logits_all_nll(window: torch.Tensor) -> torch.Tensor:
     """The losses through ``Llama.eval`` with every position's logits kept (the stock way, and ``gguf_nll``'s
     until 2026-12-08), scored ``BATCH_TOKENS`` rows at a time so only the kept scores weigh."""
-    from llama_cpp import Llama
-
     tokens = window.reshape(-1).tolist()
-    runtime = Llama(model_path=str(gguf_file(DEFAULT_MODEL)), n_ctx=len(tokens), n_batch=BATCH_TOKENS,
-                    n_ubatch=BATCH_TOKENS, logits_all=True, n_threads=os.cpu_count(), verbose=False)
+    runtime = load_gguf_runtime(gguf_file(DEFAULT_MODEL), len(tokens), logits_all=True)
     runtime.eval(tokens)
     targets = torch.tensor(tokens[1:])
     logits = torch.from_numpy(np.asarray(runtime.scores[:len(targets)]))  # a view: no copy
